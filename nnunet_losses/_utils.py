@@ -1,0 +1,312 @@
+"""Shared plumbing of every loss: input checks, targets, masks, probabilities, sums and reductions.
+
+Every loss goes through the same few functions so that conventions (label maps vs one-hot targets,
+masks, float32 sums, DDP batch reductions) are decided in exactly one place.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+ACTIVATIONS = ("softmax", "sigmoid")
+PHIS = ("I", "CI", "BI", "BCI")
+
+ClassValues = Union[float, Sequence[float], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks (called once, in __init__ or at the top of a pure function)
+# ----------------------------------------------------------------------------------------------
+def check_option(name: str, value: object, allowed: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``allowed``; raise a ValueError with a suggestion if not."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected one of {list(allowed)}, got {type(value).__name__} {value!r}")
+    if value not in allowed:
+        close = difflib.get_close_matches(value, allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{name}: expected one of {list(allowed)}, got {value!r}{hint}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_scalar(name: str, value: object, *, positive: bool = False) -> float:
+    """A finite non-negative (or strictly positive) Python number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    bad = not (value == value and abs(value) != float("inf")) or value < 0 or (positive and value == 0)
+    if bad:
+        need = "a finite number > 0" if positive else "a finite number >= 0"
+        raise ValueError(f"{name}: expected {need}, got {value!r}")
+    return value
+
+
+def class_values(name: str, value: ClassValues) -> torch.Tensor:
+    """A scalar or one value per class, as a float64 tensor of shape () or (C,); all values >= 0."""
+    if isinstance(value, torch.Tensor):
+        if not (value.is_floating_point() or value.dtype in (torch.int16, torch.int32, torch.int64, torch.uint8)):
+            raise TypeError(f"{name}: expected a real tensor, got dtype {value.dtype}")
+        tensor = value.detach().to(device="cpu", dtype=torch.float64)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        tensor = torch.tensor(float(value), dtype=torch.float64)
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise TypeError(f"{name}: expected a number or a sequence of numbers, got {value!r}")
+        tensor = torch.tensor([float(v) for v in value], dtype=torch.float64)
+    else:
+        raise TypeError(f"{name}: expected a number, a sequence of numbers or a tensor, got {type(value).__name__}")
+    if tensor.ndim > 1 or (tensor.ndim == 1 and tensor.numel() == 0):
+        raise ValueError(f"{name}: expected a scalar or one value per class (shape (C,)), got shape {tuple(tensor.shape)}")
+    if not torch.isfinite(tensor).all() or (tensor < 0).any():
+        raise ValueError(f"{name}: expected finite values >= 0, got {tensor.tolist()}")
+    return tensor
+
+
+def per_class(name: str, values: torch.Tensor, num_channels: int, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a () or (C,) buffer to (C,) in ``like``'s dtype/device, checking C."""
+    if values.ndim == 1 and values.numel() != num_channels:
+        raise ValueError(
+            f"{name}: expected one value per channel of x ({num_channels}), got {values.numel()} values"
+        )
+    return values.to(device=like.device, dtype=like.dtype).expand(num_channels)
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """What every loss needs from ``(x, y, loss_mask)``.
+
+    ``target`` is a float one-hot / region tensor shaped like ``x`` (built under ``no_grad``),
+    ``mask`` is None or a float ``(B, 1, *spatial)`` tensor of 0/1, ``labels`` is the integer label
+    map ``(B, 1, *spatial)`` when one was given (masked voxels set to 0), else None.
+    """
+
+    target: torch.Tensor
+    mask: Optional[torch.Tensor]
+    labels: Optional[torch.Tensor]
+    dtype: torch.dtype
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half/bfloat16/float32 logits (sums are always taken in float32), float64 stays."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def check_logits(x: object, activation: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor of logits, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected floating-point logits, got dtype {x.dtype}")
+    if x.ndim not in (4, 5):
+        raise ValueError(f"x: expected logits of shape (B, C, H, W) or (B, C, D, H, W), got shape {tuple(x.shape)}")
+    if activation == "softmax" and x.shape[1] < 2:
+        raise ValueError(
+            f"x: expected at least 2 channels for activation='softmax' (background + classes), got {x.shape[1]}; "
+            "use activation='sigmoid' for a single foreground channel"
+        )
+    return x
+
+
+def _with_channel_dim(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # nnU-Net also accepts (B, *spatial) label maps and masks
+    return t.unsqueeze(1) if t.ndim == x.ndim - 1 else t
+
+
+def prepare(
+    x: torch.Tensor,
+    y: object,
+    loss_mask: object = None,
+    activation: str = "softmax",
+    ignore_label: Optional[int] = None,
+) -> Prepared:
+    """Check ``x``, ``y`` and ``loss_mask`` and turn ``y`` into a float one-hot / region target.
+
+    * softmax: ``y`` is a ``(B, 1, *spatial)`` label map with values in ``[0, C-1]`` (or
+      ``ignore_label``), or a ``(B, C, *spatial)`` one-hot target.
+    * sigmoid: ``y`` is a ``(B, C, *spatial)`` region target (0/1 per channel).
+    """
+    check_logits(x, activation)
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y: expected a torch.Tensor target, got {type(y).__name__}")
+    if y.is_complex():
+        raise TypeError(f"y: expected a real-valued target, got dtype {y.dtype}")
+    y = _with_channel_dim(y, x)
+    num_channels = x.shape[1]
+    if y.ndim != x.ndim or y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:
+        raise ValueError(
+            f"y: expected a target of shape {(x.shape[0], 1, *x.shape[2:])} (label map) or {tuple(x.shape)} "
+            f"(one-hot/regions) for x of shape {tuple(x.shape)}, got shape {tuple(y.shape)}"
+        )
+    is_label_map = y.shape[1] == 1 and not (activation == "sigmoid" and num_channels == 1)
+    if not is_label_map and y.shape[1] != num_channels:
+        raise ValueError(
+            f"y: expected {num_channels} channels (one-hot/regions) or 1 channel (label map), got {y.shape[1]}"
+        )
+    if activation == "sigmoid" and is_label_map:
+        raise ValueError(
+            f"y: expected a (B, {num_channels}, ...) region target for activation='sigmoid' (every channel is a "
+            f"region, as nnU-Net's region datasets), got a label map of shape {tuple(y.shape)}"
+        )
+
+    mask = None
+    if loss_mask is not None:
+        if not isinstance(loss_mask, torch.Tensor):
+            raise TypeError(f"loss_mask: expected a torch.Tensor or None, got {type(loss_mask).__name__}")
+        loss_mask = _with_channel_dim(loss_mask, x)
+        if loss_mask.shape != (x.shape[0], 1, *x.shape[2:]):
+            raise ValueError(
+                f"loss_mask: expected shape {(x.shape[0], 1, *x.shape[2:])} (1 = voxel counts), "
+                f"got shape {tuple(loss_mask.shape)}"
+            )
+        mask = loss_mask
+
+    dtype = compute_dtype(x)
+    with torch.no_grad():
+        labels = None
+        if is_label_map:
+            labels = y if not y.is_floating_point() else y.round()
+            labels = labels.long()
+            if ignore_label is not None:
+                keep = labels != ignore_label
+                mask = keep if mask is None else (mask.bool() & keep)
+            if mask is not None:
+                labels = torch.where(mask.bool(), labels, 0)
+            if labels.numel():
+                lo, hi = torch.aminmax(labels)
+                lo, hi = int(lo), int(hi)  # one host sync; out-of-range labels would corrupt scatter_
+                if lo < 0 or hi >= num_channels:
+                    raise ValueError(
+                        f"y: expected labels in [0, {num_channels - 1}] for x with {num_channels} channels"
+                        + (f" (or the ignore label {ignore_label})" if ignore_label is not None else "")
+                        + f", got values in [{lo}, {hi}]"
+                    )
+            target = torch.zeros(x.shape, device=x.device, dtype=dtype)
+            target.scatter_(1, labels, 1)
+        else:
+            if ignore_label is not None:
+                raise ValueError(
+                    "ignore_label: expected a (B, 1, ...) label map target to find the ignore label in, got a "
+                    f"one-hot/region target of shape {tuple(y.shape)}; pass loss_mask instead"
+                )
+            target = y.to(dtype)
+        if mask is not None:
+            mask = mask.to(dtype)
+    return Prepared(target=target, mask=mask, labels=labels, dtype=dtype)
+
+
+def probabilities(x: torch.Tensor, activation: str, dtype: torch.dtype) -> torch.Tensor:
+    """softmax over channels or sigmoid per channel, in float32 (float64 stays float64)."""
+    x = x.to(dtype)
+    return torch.softmax(x, 1) if activation == "softmax" else torch.sigmoid(x)
+
+
+def check_annotated(annotated: object, batch: int, num_channels: int, device: torch.device) -> Optional[torch.Tensor]:
+    """``annotated``: None or a ``(B, C)`` boolean tensor (True = class c annotated in sample b)."""
+    if annotated is None:
+        return None
+    if not isinstance(annotated, torch.Tensor):
+        raise TypeError(f"annotated: expected a (B, C) bool tensor or None, got {type(annotated).__name__}")
+    if annotated.dtype != torch.bool:
+        raise TypeError(f"annotated: expected a (B, C) tensor of dtype torch.bool, got dtype {annotated.dtype}")
+    if annotated.shape != (batch, num_channels):
+        raise ValueError(
+            f"annotated: expected shape ({batch}, {num_channels}) (samples x channels of x), "
+            f"got shape {tuple(annotated.shape)}"
+        )
+    return annotated.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# sums and reductions
+# ----------------------------------------------------------------------------------------------
+def spatial_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over every spatial axis, leaving ``(B, C)``."""
+    return t.sum(dim=tuple(range(2, t.ndim)), dtype=torch.float32 if t.dtype != torch.float64 else None)
+
+
+def overlap_sums(probs: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]):
+    """Per (b, c): intersection ``Σ m·y·s``, prediction ``Σ m·s`` and ground truth ``Σ m·y``."""
+    if mask is not None:
+        probs_masked = probs * mask
+        target = target * mask
+    else:
+        probs_masked = probs
+    intersection = spatial_sum(probs_masked * target)
+    prediction = spatial_sum(probs_masked)
+    with torch.no_grad():
+        ground_truth = spatial_sum(target)
+    return intersection, prediction, ground_truth
+
+
+def ddp_active(ddp: Optional[bool]) -> bool:
+    """Whether batch reductions run over the global batch: ``ddp`` is not False and a process group
+    with more than one rank exists (``ddp=None`` or ``True`` on a single process gathers nothing)."""
+    if ddp is False:
+        return False
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def batch_total(t: torch.Tensor, gather: bool) -> torch.Tensor:
+    """Sum a ``(B, ...)`` tensor over the batch, and over all DDP ranks when ``gather``.
+
+    The gather keeps the gradient the way nnU-Net's ``AllGatherGrad`` does: each rank receives
+    ``world_size`` times its share of the global gradient, which DDP's gradient averaging turns back
+    into exactly the gradient of one process holding the whole global batch.
+    """
+    local = t.sum(0)
+    if not gather:
+        return local
+    from nnunetv2.utilities.ddp_allgather import AllGatherGrad
+
+    return AllGatherGrad.apply(local).sum(0)
+
+
+def soft_dice(intersection: torch.Tensor, prediction: torch.Tensor, ground_truth: torch.Tensor, epsilon) -> torch.Tensor:
+    """``(2 I + ε) / (P + G + ε)``, denominators clamped at 1e-8 like nnU-Net (only matters for ε = 0)."""
+    return (2 * intersection + epsilon) / (prediction + ground_truth + epsilon).clamp_min(1e-8)
+
+
+def reduce_phi(stats: Sequence[torch.Tensor], phi: str, gather: bool) -> Sequence[torch.Tensor]:
+    """Reduce ``(B, C)`` sums to the subsets of Φ: I → (B, C), CI → (B,), BI → (C,), BCI → ()."""
+    if phi in ("BI", "BCI"):
+        stacked = batch_total(torch.stack(stats, 0).transpose(0, 1), gather)  # (3, C)
+        stats = tuple(stacked.unbind(0))
+    if phi in ("CI", "BCI"):
+        stats = tuple(s.sum(-1) for s in stats)
+    return stats
+
+
+def masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over ``keep``; 0 (with zero gradient) when nothing is kept."""
+    keep = keep.to(values.dtype)
+    return (values * keep).sum() / keep.sum().clamp_min(1)
+
+
+def voxel_count(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Number of counted voxels over the batch (``N`` of the mime losses), at least 1."""
+    if mask is None:
+        return torch.tensor(float(x.shape[0] * x[0, 0].numel()), device=x.device)
+    return mask.sum(dtype=torch.float32 if mask.dtype != torch.float64 else None).clamp_min(1)
+
+
+def label_counts(label_map: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-sample voxel count of each class of a ``(B, 1, *spatial)`` label map: ``(B, num_classes)``."""
+    flat = label_map.reshape(label_map.shape[0], -1).long()
+    counts = torch.zeros(flat.shape[0], num_classes, dtype=torch.float64, device=flat.device)
+    return counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float64))

@@ -1,0 +1,187 @@
+r"""Dice loss with reduction Φ and smoothing ε (Tilborghs, Bertels et al., "The Dice loss in the context
+of missing or empty labels: introducing Φ and ε"), and the heuristic ε of its §2.3."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._utils import (
+    ACTIVATIONS,
+    PHIS,
+    ClassValues,
+    check_bool,
+    check_option,
+    class_values,
+    ddp_active,
+    label_counts,
+    overlap_sums,
+    per_class,
+    prepare,
+    probabilities,
+    reduce_phi,
+    soft_dice,
+)
+
+
+def _check_phi_options(phi, include_background, activation, epsilon: torch.Tensor):
+    check_option("phi", phi, PHIS)
+    check_bool("include_background", include_background)
+    check_option("activation", activation, ACTIVATIONS)
+    if epsilon.ndim == 1 and phi in ("CI", "BCI"):
+        raise ValueError(
+            f"epsilon: expected a single number for phi={phi!r} (its subsets span all classes), "
+            f"got {epsilon.numel()} per-class values; per-class epsilon works with phi='I' or 'BI'"
+        )
+
+
+def phi_dice_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_mask: Optional[torch.Tensor] = None,
+    phi: str = "I",
+    epsilon: ClassValues = 1e-7,
+    include_background: bool = False,
+    activation: str = "softmax",
+    ddp: Optional[bool] = None,
+    ignore_label: Optional[int] = None,
+) -> torch.Tensor:
+    r"""Soft Dice loss over the subsets of a reduction Φ (Tilborghs et al., eq. 3).
+
+    .. math::
+        DL = 1 - \frac{1}{|Φ|} \sum_{φ \in Φ} \frac{2 \sum_{ω \in φ} y_ω s_ω + ε}{\sum_{ω \in φ} (y_ω + s_ω) + ε}
+
+    with :math:`ω = (b, c, i)` and the sums running over counted voxels (``loss_mask`` = 1) only.
+    The subsets φ of Φ: ``"I"`` one per (sample, class), ``"CI"`` one per sample (all classes and
+    voxels), ``"BI"`` one per class (all samples and voxels), ``"BCI"`` a single one.
+    Its gradient is two-valued per subset (eq. 4):
+
+    .. math::
+        \frac{\partial DL}{\partial s_ω} = -\frac{1}{|Φ|}\left(\frac{2 y_ω}{U_φ + ε}
+            - \frac{2 I_φ + ε}{(U_φ + ε)^2}\right), \quad U_φ = \sum_φ (y + s),\ I_φ = \sum_φ y s.
+
+    With ε negligible (1e-7) and Φ = I, a class absent from a sample's label gets a negligible
+    gradient there (missing labels are ignored); with Φ = BI (B > 1) or a large ε (the heuristic
+    :func:`estimate_epsilon`) empty maps are learned. ``epsilon`` is a number or, for ``"I"``/``"BI"``,
+    one value per channel of ``x`` that enters only its own class's term.
+
+    The background channel (softmax channel 0) is left out of the mean unless ``include_background``;
+    with sigmoid every channel is a foreground region and is always included. Batch reductions
+    (``"BI"``, ``"BCI"``) run over the global batch under DDP (``ddp=None``: whenever a process group
+    with more than one rank exists), with nnU-Net's ``AllGatherGrad``.
+
+    ``phi="I"``/``"BI"`` with ``epsilon=e`` equals ``1 +`` nnU-Net's
+    ``MemoryEfficientSoftDiceLoss(batch_dice=False/True, smooth=e, do_bg=include_background)``.
+
+    Range: :math:`[0, 1]`.
+
+    Example:
+        >>> x = torch.tensor([[[[0.0, 0.0]], [[0.0, 0.0]]]])  # (1, 2, 1, 2): s = 0.5 everywhere
+        >>> y = torch.tensor([[[[1, 0]]]])                    # class 1 on the first voxel
+        >>> phi_dice_loss(x, y, epsilon=0.0)                  # 1 - 2·0.5 / (1 + 1)
+        tensor(0.5000)
+    """
+    eps = class_values("epsilon", epsilon)
+    _check_phi_options(phi, include_background, activation, eps)
+    return _phi_dice(x, y, loss_mask, phi, eps, include_background, activation, ddp, ignore_label)
+
+
+def _phi_dice(x, y, loss_mask, phi, eps, include_background, activation, ddp, ignore_label):
+    prepared = prepare(x, y, loss_mask, activation, ignore_label)
+    probs = probabilities(x, activation, prepared.dtype)
+    first = 1 if (activation == "softmax" and not include_background) else 0
+    if first:  # excluded means left out of the mean, not weighted 0 inside it
+        probs, target = probs[:, first:], prepared.target[:, first:]
+    else:
+        target = prepared.target
+    stats = overlap_sums(probs, target, prepared.mask)
+    eps = per_class("epsilon", eps, x.shape[1], stats[0])[first:]
+    stats = reduce_phi(stats, phi, gather=phi in ("BI", "BCI") and ddp_active(ddp))
+    if phi in ("CI", "BCI"):
+        eps = eps[0]
+    return 1 - soft_dice(*stats, eps).mean()
+
+
+class PhiDiceLoss(nn.Module):
+    """Module form of :func:`phi_dice_loss`; ``epsilon`` (scalar or per class) is a buffer, so a
+    trainer can overwrite it in place (heuristic ε) and it follows ``.to(device)`` and ``state_dict``."""
+
+    def __init__(self, phi: str = "I", epsilon: ClassValues = 1e-7, include_background: bool = False,
+                 activation: str = "softmax", ddp: Optional[bool] = None, ignore_label: Optional[int] = None):
+        super().__init__()
+        self.register_buffer("epsilon", class_values("epsilon", epsilon))
+        _check_phi_options(phi, include_background, activation, self.epsilon)
+        self.phi = phi
+        self.include_background = include_background
+        self.activation = activation
+        self.ddp = ddp
+        self.ignore_label = ignore_label
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _phi_dice(x, y, loss_mask, self.phi, self.epsilon, self.include_background, self.activation, self.ddp,
+                         self.ignore_label)
+
+    def extra_repr(self) -> str:
+        eps = self.epsilon.tolist()
+        return (f"phi={self.phi!r}, epsilon={eps}, include_background={self.include_background}, "
+                f"activation={self.activation!r}")
+
+
+def estimate_epsilon(targets: Iterable, num_classes: int, ignore_label: Optional[int] = None) -> torch.Tensor:
+    r"""The heuristic ε of Tilborghs et al. §2.3: :math:`ε_c = \mathbb{E}\left[\sum_i y_{b,c,i}\right]`.
+
+    The mean, over every sample of every batch in ``targets`` (empty samples included, as zeros), of
+    each class's voxel count: the expected foreground volume of class c in one sample as the network
+    sees it. In nnU-Net, feed it the training dataloader's patches (the network never sees whole
+    volumes), once per deep-supervision scale.
+
+    Args:
+        targets: an iterable of ``(B, 1, *spatial)`` label maps (tensors or numpy arrays), or of
+            ``(B, num_classes, *spatial)`` region / one-hot targets.
+        num_classes: number of channels of the network output.
+        ignore_label: label value that is not counted (nnU-Net's ignore label), for label maps.
+
+    Returns:
+        float64 tensor ``(num_classes,)``.
+
+    Example:
+        >>> maps = [torch.tensor([[[[0, 1], [1, 2]]], [[[0, 0], [0, 0]]]])]  # 2 samples, 2x2
+        >>> estimate_epsilon(maps, num_classes=3)                            # (1+4)/2, (2+0)/2, (1+0)/2
+        tensor([2.5000, 1.0000, 0.5000], dtype=torch.float64)
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
+    totals = torch.zeros(num_classes, dtype=torch.float64)
+    samples = 0
+    for index, target in enumerate(targets):
+        if isinstance(target, np.ndarray):
+            target = torch.from_numpy(target)
+        if not isinstance(target, torch.Tensor):
+            raise TypeError(f"targets[{index}]: expected a tensor or numpy array, got {type(target).__name__}")
+        if target.ndim not in (4, 5) or target.shape[1] not in (1, num_classes):
+            raise ValueError(
+                f"targets[{index}]: expected a (B, 1, *spatial) label map or a (B, {num_classes}, *spatial) "
+                f"target with 2 or 3 spatial axes, got shape {tuple(target.shape)}"
+            )
+        target = target.detach().cpu()
+        if target.shape[1] == 1 and num_classes > 1:
+            labels = target.round().long() if target.is_floating_point() else target.long()
+            counted = labels if ignore_label is None else labels[labels != ignore_label]
+            if counted.numel() and (counted.min() < 0 or counted.max() >= num_classes):
+                raise ValueError(
+                    f"targets[{index}]: expected labels in [0, {num_classes - 1}], "
+                    f"got values in [{int(counted.min())}, {int(counted.max())}]"
+                )
+            if ignore_label is not None:  # ignored voxels go to an extra bin that is dropped
+                labels = torch.where(labels == ignore_label, num_classes, labels)
+            counts = label_counts(labels, num_classes + 1)[:, :num_classes]
+        else:
+            counts = target.reshape(target.shape[0], target.shape[1], -1).to(torch.float64).sum(-1)
+        totals += counts.sum(0)
+        samples += counts.shape[0]
+    if samples == 0:
+        raise ValueError("targets: expected at least one batch of label maps, got an empty iterable")
+    return totals / samples

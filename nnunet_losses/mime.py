@@ -1,0 +1,332 @@
+r"""Mime, negative mime and dynamic mime losses (Kervadec & de Bruijne, "On the dice loss gradient and
+the ways to mimic it").
+
+The Dice loss gradient with respect to the probabilities is two-valued per class (eq. 6): a negative
+value where the label is 1, a positive one elsewhere. A *linear* loss :math:`w_y^\top s` with the same
+sign pattern supervises the network the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ._utils import (
+    ACTIVATIONS,
+    PHIS,
+    ClassValues,
+    batch_total,
+    check_bool,
+    check_option,
+    class_values,
+    ddp_active,
+    overlap_sums,
+    per_class,
+    prepare,
+    probabilities,
+    reduce_phi,
+    voxel_count,
+    world_size,
+)
+
+REDUCTIONS = ("mean", "sum")
+
+
+class _LinearProbabilityLoss(torch.autograd.Function):
+    r"""``Σ_{b,c,i} m_i w_{b,c,i} s_{b,c,i} / n`` with ``w = b_c - (a_c + b_c) y`` and a closed-form backward.
+
+    Neither the one-hot target nor the probabilities are kept for backward: the probabilities are
+    recomputed from the logits (which the network keeps anyway) and the weights from the label map,
+    so the extra memory is one probability tensor at a time.
+
+    softmax: ``∂L/∂x_c = s_c (w_c - Σ_k w_k s_k) m / n``;  sigmoid: ``∂L/∂x_c = w_c s_c (1 - s_c) m / n``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, labels, target, mask, a, b, normaliser, softmax: bool):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        probs = probabilities(x, "softmax" if softmax else "sigmoid", dtype)
+        weighted = _weighted_sum_over_channels(probs, labels, target, a, b)  # (B, 1, *) = Σ_c w_c s_c
+        if mask is not None:
+            weighted = weighted * mask
+        loss = weighted.sum(dtype=dtype) / normaliser
+        ctx.save_for_backward(x, labels, target, mask, a, b, normaliser)
+        ctx.softmax = softmax
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, labels, target, mask, a, b, normaliser = ctx.saved_tensors
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        probs = probabilities(x, "softmax" if ctx.softmax else "sigmoid", dtype)
+        view = (1, -1) + (1,) * (x.ndim - 2)
+        if ctx.softmax:
+            mean_weight = _weighted_sum_over_channels(probs, labels, target, a, b)  # Σ_k w_k s_k
+            grad = probs * (b.view(view) - mean_weight)  # s_c (b_c - Σ_k w_k s_k)
+            if labels is not None:  # the -(a+b) y part of w, only at each voxel's own label
+                at_label = (a + b)[labels] * probs.gather(1, labels)
+                grad.scatter_add_(1, labels, -at_label)
+            else:
+                grad -= probs * target * (a + b).view(view)
+        else:
+            weights = b.view(view) - (a + b).view(view) * target
+            grad = weights * probs * (1 - probs)
+        scale = grad_output / normaliser
+        grad = grad * (scale if mask is None else mask * scale)
+        return grad.to(x.dtype), None, None, None, None, None, None, None
+
+
+def _weighted_sum_over_channels(probs, labels, target, a, b):
+    """``Σ_c w_c s_c`` per voxel, ``(B, 1, *)``, without building the weight map when a label map is given."""
+    view = (1, -1) + (1,) * (probs.ndim - 2)
+    if labels is not None:
+        return (probs * b.view(view)).sum(1, keepdim=True) - (a + b)[labels] * probs.gather(1, labels)
+    return (probs * (b.view(view) - (a + b).view(view) * target)).sum(1, keepdim=True)
+
+
+def _check_mime_options(include_background, activation, reduction):
+    check_bool("include_background", include_background)
+    check_option("activation", activation, ACTIVATIONS)
+    check_option("reduction", reduction, REDUCTIONS)
+
+
+def mime_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_mask: Optional[torch.Tensor] = None,
+    a: ClassValues = 1.9,
+    b: ClassValues = 0.1,
+    include_background: bool = True,
+    activation: str = "softmax",
+    reduction: str = "mean",
+    ignore_label: Optional[int] = None,
+) -> torch.Tensor:
+    r"""Mime loss (Kervadec & de Bruijne, eq. 8-9): a linear loss whose gradient mimics the Dice loss's.
+
+    .. math::
+        L = \frac{1}{N} \sum_{b,c,i} m_{b,i}\, w_{b,c,i}\, s_{b,c,i}, \qquad w = -a\,y + b\,(1 - y),
+
+    so that :math:`\partial L / \partial s_{b,c,i} = -a_c/N` where :math:`y = 1` and :math:`+b_c/N`
+    where :math:`y = 0` (masked voxels: 0). :math:`s` is the softmax (or sigmoid) of the logits ``x``,
+    :math:`m` the ``loss_mask``. The paper's :math:`\omega_y = -2y + 0.1` is ``a=1.9, b=0.1``.
+
+    ``reduction="mean"``: :math:`N` is the number of counted voxels over the batch (a per-voxel mean,
+    like nnU-Net's cross-entropy, so nnU-Net's learning rate and gradient clipping stay sensible);
+    ``reduction="sum"``: :math:`N = 1`, the paper's plain sum. ``a`` and ``b`` are numbers or one value
+    per channel (§2.3: "pre-computed from the dataset's class distribution"). With
+    ``include_background=False`` (softmax only) channel 0 gets :math:`w = 0`.
+
+    Range (mean, softmax): :math:`[-\max_c a_c, \max_c b_c]`; everything masked gives 0.
+
+    Args:
+        x: logits ``(B, C, *spatial)``, 2D or 3D.
+        y: ``(B, 1, *spatial)`` label map or ``(B, C, *spatial)`` one-hot / region target.
+        loss_mask: optional ``(B, 1, *spatial)``, 1 = voxel counts.
+        ignore_label: label value in ``y`` treated as masked (nnU-Net's ignore label).
+
+    Example:
+        >>> x = torch.zeros(1, 2, 2, 2)                      # uniform softmax: s = 0.5 everywhere
+        >>> y = torch.tensor([[[[0, 1], [1, 1]]]])
+        >>> mime_loss(x, y)                                  # per voxel: 0.5·(-1.9) + 0.5·0.1
+        tensor(-0.9000)
+    """
+    _check_mime_options(include_background, activation, reduction)
+    return _mime(x, y, loss_mask, class_values("a", a), class_values("b", b), include_background, activation,
+                 reduction, ignore_label)
+
+
+def _mime(x, y, loss_mask, a, b, include_background, activation, reduction, ignore_label):
+    prepared = prepare(x, y, loss_mask, activation, ignore_label)
+    num_channels = x.shape[1]
+    a = per_class("a", a, num_channels, torch.empty((), dtype=prepared.dtype, device=x.device)).clone()
+    b = per_class("b", b, num_channels, torch.empty((), dtype=prepared.dtype, device=x.device)).clone()
+    if activation == "softmax" and not include_background:
+        a[0] = 0
+        b[0] = 0
+    normaliser = voxel_count(x, prepared.mask).to(prepared.dtype) if reduction == "mean" else torch.ones(
+        (), dtype=prepared.dtype, device=x.device)
+    labels = prepared.labels
+    target = None if labels is not None else prepared.target
+    return _LinearProbabilityLoss.apply(x, labels, target, prepared.mask, a, b, normaliser, activation == "softmax")
+
+
+def negative_mime_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_mask: Optional[torch.Tensor] = None,
+    include_background: bool = True,
+    reduction: str = "mean",
+    activation: str = "softmax",
+    ignore_label: Optional[int] = None,
+) -> torch.Tensor:
+    r"""Negative mime (Kervadec & de Bruijne, eq. 10): :math:`L_{NM} = -\frac{1}{N} y^\top s`.
+
+    The mime with ``a = 1, b = 0``: :math:`\partial L/\partial s = -1/N` on the label, 0 elsewhere.
+    For mutually exclusive classes only (softmax): the classes compete through the softmax, which is
+    the implicit regularisation of §2.4. With sigmoid regions it has a trivial minimiser (everything
+    foreground), so ``activation="sigmoid"`` is refused. Range (mean): :math:`[-1, 0]`.
+
+    Example:
+        >>> x = torch.zeros(1, 2, 2, 2)
+        >>> y = torch.tensor([[[[0, 1], [1, 1]]]])
+        >>> negative_mime_loss(x, y)                         # -mean of s at the label = -0.5
+        tensor(-0.5000)
+    """
+    _check_negative_mime_options(include_background, reduction, activation)
+    return _mime(x, y, loss_mask, torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64),
+                 include_background, activation, reduction, ignore_label)
+
+
+def _check_negative_mime_options(include_background, reduction, activation):
+    _check_mime_options(include_background, activation, reduction)
+    if activation != "softmax":
+        raise ValueError(
+            "activation: expected 'softmax' for NegativeMimeLoss, got 'sigmoid': with independent sigmoid "
+            "regions -y.s is minimised by predicting everything as foreground; use MimeLoss (b > 0) instead"
+        )
+
+
+def dice_gradient_weights(intersection, prediction, ground_truth, epsilon, num_subsets):
+    r"""The two values of the Dice loss gradient per subset φ (Tilborghs eq. 4, Kervadec eq. 6).
+
+    With :math:`D = U + ε`, :math:`U = Σ_φ (y + s)`, :math:`I = Σ_φ y s`:
+    :math:`a = \frac{1}{|Φ|}\left(\frac{2}{D} - \frac{2I + ε}{D^2}\right)` (minus the gradient where
+    :math:`y = 1`) and :math:`b = \frac{2I + ε}{|Φ| D^2}` (the gradient where :math:`y = 0`).
+    With ε = 0 and one subset: :math:`a = 2(U-I)/U^2`, :math:`b = 2I/U^2` (eq. 6).
+    """
+    denominator = (prediction + ground_truth + epsilon).clamp_min(1e-8)
+    b = (2 * intersection + epsilon) / (num_subsets * denominator**2)
+    a = 2 / (num_subsets * denominator) - b
+    return a, b
+
+
+def dynamic_mime_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_mask: Optional[torch.Tensor] = None,
+    phi: str = "I",
+    include_background: bool = False,
+    activation: str = "softmax",
+    epsilon: ClassValues = 1e-7,
+    ddp: Optional[bool] = None,
+    ignore_label: Optional[int] = None,
+) -> torch.Tensor:
+    r"""Dynamic mime: the mime whose weights are the Dice loss gradient's two values, recomputed every call.
+
+    .. math::
+        L = \sum_{φ \in Φ} \left( b_φ \sum_{ω \in φ} m\, s_ω - (a_φ + b_φ) \sum_{ω \in φ} m\, y_ω s_ω \right)
+
+    with :math:`a_φ, b_φ` from :func:`dice_gradient_weights` taken without gradient. Its gradient
+    with respect to :math:`s` (hence to the logits) is *exactly* that of
+    ``phi_dice_loss(x, y, phi=phi, epsilon=epsilon, include_background=include_background)``: a
+    living proof of the paper's analysis that the Dice loss supervises as a weighted negative of the
+    label. Its *value* is the linear mime :math:`w^\top s` (negative; not a Dice value).
+
+    Under DDP with ``phi`` in BI/BCI the sums are global and the loss is scaled by the world size, so
+    that after DDP's gradient averaging the gradient equals that of one process with the whole batch
+    (the same convention as nnU-Net's ``AllGatherGrad``).
+    """
+    from .dice import _check_phi_options  # one place checks Φ/ε combinations
+
+    _check_phi_options(phi, include_background, activation, class_values("epsilon", epsilon))
+    prepared = prepare(x, y, loss_mask, activation, ignore_label)
+    probs = probabilities(x, activation, prepared.dtype)
+    intersection, prediction, ground_truth = overlap_sums(probs, prepared.target, prepared.mask)
+    first = 1 if (activation == "softmax" and not include_background) else 0
+    intersection, prediction, ground_truth = intersection[:, first:], prediction[:, first:], ground_truth[:, first:]
+    eps = per_class("epsilon", class_values("epsilon", epsilon), x.shape[1], intersection)[first:]
+    gather = phi in ("BI", "BCI") and ddp_active(ddp)
+    with torch.no_grad():
+        stats = reduce_phi((intersection.detach(), prediction.detach(), ground_truth), phi,
+                           gather=False)
+        if gather:
+            stats = tuple(_all_reduce_sum(s) for s in stats)
+        eps_phi = eps if phi in ("I", "BI") else eps[0]
+        num_subsets = {"I": intersection.numel(), "CI": x.shape[0], "BI": intersection.shape[1], "BCI": 1}[phi]
+        a, b = dice_gradient_weights(*stats, eps_phi, num_subsets)
+        a, b = _to_batch_class(a, phi, intersection.shape), _to_batch_class(b, phi, intersection.shape)
+        if gather:
+            a, b = a * world_size(), b * world_size()
+    return (b * prediction - (a + b) * intersection).sum()
+
+
+def _to_batch_class(values: torch.Tensor, phi: str, shape) -> torch.Tensor:
+    """Broadcast per-subset values back to the ``(B, C)`` table of sums."""
+    if phi == "CI":
+        values = values[:, None]
+    return values.expand(shape)
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    torch.distributed.all_reduce(t)
+    return t
+
+
+class MimeLoss(nn.Module):
+    """Module form of :func:`mime_loss`; ``a`` and ``b`` (scalars or per class) are buffers."""
+
+    def __init__(self, a: ClassValues = 1.9, b: ClassValues = 0.1, include_background: bool = True,
+                 activation: str = "softmax", reduction: str = "mean", ignore_label: Optional[int] = None):
+        super().__init__()
+        _check_mime_options(include_background, activation, reduction)
+        self.register_buffer("a", class_values("a", a))
+        self.register_buffer("b", class_values("b", b))
+        self.include_background = include_background
+        self.activation = activation
+        self.reduction = reduction
+        self.ignore_label = ignore_label
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _mime(x, y, loss_mask, self.a, self.b, self.include_background, self.activation, self.reduction,
+                     self.ignore_label)
+
+    def extra_repr(self) -> str:
+        return (f"a={self.a.tolist()}, b={self.b.tolist()}, include_background={self.include_background}, "
+                f"activation={self.activation!r}, reduction={self.reduction!r}")
+
+
+class NegativeMimeLoss(nn.Module):
+    """Module form of :func:`negative_mime_loss` (softmax only)."""
+
+    def __init__(self, include_background: bool = True, reduction: str = "mean", activation: str = "softmax",
+                 ignore_label: Optional[int] = None):
+        super().__init__()
+        _check_negative_mime_options(include_background, reduction, activation)
+        self.include_background = include_background
+        self.reduction = reduction
+        self.activation = activation
+        self.ignore_label = ignore_label
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return negative_mime_loss(x, y, loss_mask, self.include_background, self.reduction, self.activation,
+                                  self.ignore_label)
+
+    def extra_repr(self) -> str:
+        return f"include_background={self.include_background}, reduction={self.reduction!r}"
+
+
+class DynamicMimeLoss(nn.Module):
+    """Module form of :func:`dynamic_mime_loss`."""
+
+    def __init__(self, phi: str = "I", include_background: bool = False, activation: str = "softmax",
+                 epsilon: ClassValues = 1e-7, ddp: Optional[bool] = None, ignore_label: Optional[int] = None):
+        super().__init__()
+        from .dice import _check_phi_options
+
+        self.register_buffer("epsilon", class_values("epsilon", epsilon))
+        _check_phi_options(phi, include_background, activation, self.epsilon)
+        self.phi = phi
+        self.include_background = include_background
+        self.activation = activation
+        self.ddp = ddp
+        self.ignore_label = ignore_label
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return dynamic_mime_loss(x, y, loss_mask, self.phi, self.include_background, self.activation, self.epsilon,
+                                 self.ddp, self.ignore_label)
+
+    def extra_repr(self) -> str:
+        return f"phi={self.phi!r}, include_background={self.include_background}, activation={self.activation!r}"

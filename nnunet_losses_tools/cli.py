@@ -1,0 +1,39 @@
+"""The ``nnunet-losses`` command: one entry point, one subcommand per tool.
+
+Each tool module exposes ``register(subparsers)``, which adds its subcommand(s) and sets
+``func`` (called with the parsed arguments, returns an exit code) as the parser default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# modules that register subcommands, in the order they appear in --help
+SUBCOMMAND_MODULES: list[str] = []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnunet-losses",
+        description="Tools of nnunet-losses, the Dice-loss research losses as nnU-Net v2 trainers.",
+    )
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
