@@ -1,0 +1,343 @@
+"""``nnunet-losses derive-partial``: derive a partially labelled nnU-Net raw dataset from a fully labelled one.
+
+The partial-label experiments of Tilborghs et al. (ACDC without the myocardium at end-systole, BraTS
+with the low-grade gliomas' labels replaced by empty maps) need a training set in which some labels
+are missing from some cases. This command writes one as a NEW raw dataset next to the source (which
+it never touches): selected cases get some labels set to background (``--remove-labels``) or their
+whole label map emptied (``--empty``); images are copied unchanged; the label sets are recorded in
+the new dataset.json under ``"annotated_labels"`` (see :mod:`nnunet_losses_tools.label_sets`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import fnmatch
+import json
+import os
+import shutil
+import sys
+import tempfile
+import textwrap
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import NoReturn, Optional, Sequence, Union
+
+import numpy as np
+from tqdm import tqdm
+
+from .label_sets import ANNOTATED_LABELS_KEY, LabelResolver, validate_annotated_labels
+
+COMMAND = "derive-partial"
+
+
+@dataclass
+class Derivation:
+    """What :func:`derive_partial_dataset` did."""
+
+    source: str
+    target: str
+    target_folder: str
+    num_cases: int
+    selected: list[str]
+    removed_labels: list[int]  # integer label values set to background in the selected cases
+    removed_voxels: dict[int, int] = field(default_factory=dict)  # label value -> voxels set to background
+    names: dict[int, str] = field(default_factory=dict)  # label value -> its name, where it has one
+
+    def summary(self) -> str:
+        shown = ", ".join(self.selected[:10]) + (f", ... ({len(self.selected) - 10} more)" if len(self.selected) > 10 else "")
+        lines = [
+            f"{self.target}: derived from {self.source} in {self.target_folder}",
+            f"  cases selected: {len(self.selected)} of {self.num_cases} ({shown})",
+            "  voxels set to background, per label:",
+        ]
+        for value in self.removed_labels:
+            name = self.names.get(value)
+            label = f"{name!r} ({value})" if name is not None else str(value)
+            lines.append(f"    {label}: {self.removed_voxels.get(value, 0)}")
+        return "\n".join(lines)
+
+
+def _fail(message: str) -> NoReturn:
+    raise ValueError(message)
+
+
+def _raw_root() -> str:
+    from nnunetv2.paths import nnUNet_raw
+
+    if not nnUNet_raw.is_set():
+        _fail("nnUNet_raw: expected the environment variable to point to nnU-Net's raw data folder, got it unset")
+    root = nnUNet_raw.get()
+    if not os.path.isdir(root):
+        _fail(f"nnUNet_raw: expected an existing folder, got {root!r}")
+    return root
+
+
+def _source_name(source: Union[str, int], raw_root: str) -> str:
+    """The source's dataset name, resolved the way nnU-Net's commands resolve ``-d``, and checked to be in nnUNet_raw."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        name = maybe_convert_to_dataset_name(source)
+    except (RuntimeError, ValueError) as error:
+        _fail(f"source: expected a dataset id or name found in nnUNet_raw ({raw_root}), got {source!r}: {error}")
+    if not os.path.isfile(os.path.join(raw_root, name, "dataset.json")):
+        _fail(f"source: expected a raw dataset with a dataset.json in {os.path.join(raw_root, name)}, got none")
+    return name
+
+
+def _target_name(target_id: int, target_name: Optional[str], source_name: str) -> str:
+    from nnunetv2.utilities.dataset_name_id_conversion import find_candidate_datasets
+
+    if isinstance(target_id, bool) or not isinstance(target_id, int) or not 1 <= target_id <= 999:
+        _fail(f"target_id: expected a dataset id in [1, 999] (nnU-Net names datasets DatasetXXX_Name), got {target_id!r}")
+    existing = list(find_candidate_datasets(target_id))
+    if existing:
+        _fail(
+            f"target_id: expected an unused dataset id, got {target_id}, already used by {', '.join(existing)} "
+            "(in nnUNet_raw, nnUNet_preprocessed or nnUNet_results)"
+        )
+    if target_name is None:
+        target_name = source_name[len("DatasetXXX_"):] + "_partial"
+    if not target_name or any(c in target_name for c in "/\\ ") or target_name.startswith("."):
+        _fail(f"target_name: expected a name without slashes or spaces (e.g. ACDC_partial), got {target_name!r}")
+    return f"Dataset{target_id:03d}_{target_name}"
+
+
+def _select_cases(identifiers: list[str], cases_pattern, cases_file, fraction, seed) -> list[str]:
+    chosen = [option for option, value in
+              (("--cases-pattern", cases_pattern), ("--cases-file", cases_file), ("--fraction", fraction))
+              if value is not None]
+    if len(chosen) != 1:
+        _fail(f"case selection: expected exactly one of --cases-pattern, --cases-file, --fraction, got {chosen or 'none'}")
+    if cases_pattern is not None:
+        patterns = [cases_pattern] if isinstance(cases_pattern, str) else list(cases_pattern)
+        selected = [case for case in identifiers if any(fnmatch.fnmatchcase(case, p) for p in patterns)]
+        if not selected:
+            _fail(f"--cases-pattern: expected a pattern matching some of the {len(identifiers)} training cases "
+                  f"(e.g. {identifiers[0]!r}), got {patterns} matching none")
+        return selected
+    if cases_file is not None:
+        if not os.path.isfile(cases_file):
+            _fail(f"--cases-file: expected a file with one case identifier per line, got missing file {cases_file!r}")
+        with open(cases_file, encoding="utf-8") as handle:
+            listed = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+        unknown = sorted(set(listed) - set(identifiers))
+        if unknown:
+            _fail(f"--cases-file: expected identifiers of the source's training cases, got unknown "
+                  f"{', '.join(map(repr, unknown[:5]))}" + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+        if not listed:
+            _fail(f"--cases-file: expected at least one case identifier, got an empty file {cases_file!r}")
+        wanted = set(listed)
+        return [case for case in identifiers if case in wanted]
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        _fail(f"--fraction: expected a number in (0, 1], got {fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        _fail(f"--seed: expected an integer, got {seed!r}")
+    count = int(round(fraction * len(identifiers)))
+    if count == 0:
+        _fail(f"--fraction: expected a fraction selecting at least one of the {len(identifiers)} cases, got {fraction}")
+    picked = np.random.default_rng(seed).choice(len(identifiers), size=count, replace=False)
+    return [identifiers[i] for i in sorted(picked)]
+
+
+def parse_label(token: str, resolver: LabelResolver) -> Union[str, int]:
+    """A command-line label: a name of dataset.json 'labels' if it is one, else an integer value if it is one."""
+    if token in resolver.names:
+        return token
+    try:
+        return int(token)
+    except ValueError:
+        return token
+
+
+def derive_partial_dataset(
+    source: Union[str, int],
+    target_id: int,
+    *,
+    remove_labels: Optional[Sequence[Union[str, int]]] = None,
+    empty: bool = False,
+    cases_pattern: Optional[Union[str, Sequence[str]]] = None,
+    cases_file: Optional[str] = None,
+    fraction: Optional[float] = None,
+    seed: int = 0,
+    target_name: Optional[str] = None,
+    progress: bool = True,
+) -> Derivation:
+    """Write ``DatasetXXX_<target_name>`` (XXX = ``target_id``) in nnUNet_raw: the source with labels removed.
+
+    Exactly one of ``remove_labels`` (names or values set to background in the selected cases) and
+    ``empty`` (the selected cases' label maps replaced by empty maps); exactly one selector:
+    ``cases_pattern`` (glob(s) on case identifiers), ``cases_file`` (one identifier per line, ``#``
+    comments) or ``fraction`` (``round(fraction * cases)`` cases drawn with ``seed``). Voxels of the
+    ignore label are kept. Every check runs before anything is written; the dataset is assembled in a
+    hidden temporary folder and renamed into place at the end, so a failure leaves nothing behind.
+    """
+    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    # ---- every check before anything is written
+    if not isinstance(empty, bool):
+        _fail(f"empty: expected a bool, got {empty!r}")
+    if empty == (remove_labels is not None):
+        _fail("operation: expected exactly one of --remove-labels and --empty, got "
+              + ("both" if empty else "neither"))
+    raw_root = _raw_root()
+    source_name = _source_name(source, raw_root)
+    source_folder = os.path.join(raw_root, source_name)
+    dataset_json = load_json(os.path.join(source_folder, "dataset.json"))
+    target = _target_name(target_id, target_name, source_name)
+    target_folder = os.path.join(raw_root, target)
+    if os.path.exists(target_folder):
+        _fail(f"target: expected a new dataset folder, got existing {target_folder}")
+
+    resolver = LabelResolver(dataset_json)
+    if empty:
+        removed = resolver.foreground_values
+    else:
+        if isinstance(remove_labels, (str, int)):
+            remove_labels = [remove_labels]
+        if not remove_labels:
+            _fail("--remove-labels: expected at least one label name or value, got none")
+        removed = resolver.resolve_all(remove_labels, "--remove-labels")
+
+    # a deep copy: nnU-Net's helper rewrites the 'dataset' entry's paths in place
+    files = get_filenames_of_train_images_and_targets(source_folder, copy.deepcopy(dataset_json))
+    identifiers = sorted(str(case) for case in files)  # nnU-Net returns numpy strings
+    if not identifiers:
+        _fail(f"source: expected training cases in {source_folder}, got none")
+    missing = [path for case in identifiers for path in (*files[case]["images"], files[case]["label"])
+               if not os.path.isfile(path)]
+    if missing:
+        _fail(f"source: expected every training image and label file to exist, got {len(missing)} missing, "
+              f"e.g. {missing[0]}")
+    previous_sets = validate_annotated_labels(dataset_json, identifiers, resolver.label_manager)
+    selected = _select_cases(identifiers, cases_pattern, cases_file, fraction, seed)
+
+    label_sets = {case: set(values) for case, values in previous_sets.items()}
+    for case in selected:
+        label_sets[case] = set() if empty else set(label_sets.get(case, resolver.foreground_values)) - removed
+    new_json = copy.deepcopy(dataset_json)
+    new_json.pop("dataset", None)  # the new dataset uses the standard imagesTr/labelsTr layout
+    new_json[ANNOTATED_LABELS_KEY] = {case: resolver.describe(label_sets[case]) for case in sorted(label_sets)}
+    new_json["derived_from"] = {
+        "dataset": source_name,
+        "operation": "empty" if empty else "remove_labels",
+        "removed_labels": resolver.describe(removed),
+        "selection": ({"cases_pattern": cases_pattern} if cases_pattern is not None
+                      else {"cases_file": os.path.abspath(cases_file)} if cases_file is not None
+                      else {"fraction": fraction, "seed": seed}),
+        "selected_cases": selected,
+    }
+    json.dumps(new_json)  # a non-serialisable entry fails here, before writing
+    reader_writer = determine_reader_writer_from_dataset_json(
+        dataset_json, files[identifiers[0]]["images"][0], verbose=False)()
+
+    # ---- writing, into a hidden folder renamed into place at the end
+    file_ending = dataset_json["file_ending"]
+    work = tempfile.mkdtemp(prefix=f".{target}.incomplete-", dir=raw_root)
+    derivation = Derivation(source=source_name, target=target, target_folder=target_folder,
+                            num_cases=len(identifiers), selected=selected, removed_labels=sorted(removed),
+                            names={v: shown for v, shown in zip(sorted(removed), resolver.describe(removed))
+                                   if isinstance(shown, str)})
+    removed_voxels: Counter = Counter()
+    try:
+        os.makedirs(os.path.join(work, "imagesTr"))
+        os.makedirs(os.path.join(work, "labelsTr"))
+        chosen = set(selected)
+        for case in tqdm(identifiers, desc=COMMAND, unit="case", disable=not progress):
+            for channel, image in enumerate(files[case]["images"]):
+                shutil.copy2(image, os.path.join(work, "imagesTr", f"{case}_{channel:04d}{file_ending}"))
+            label_out = os.path.join(work, "labelsTr", case + file_ending)
+            if case not in chosen:
+                shutil.copy2(files[case]["label"], label_out)
+                continue
+            segmentation, properties = reader_writer.read_seg(files[case]["label"])
+            segmentation = np.rint(segmentation).astype(np.int32)
+            hit = np.isin(segmentation, sorted(removed))
+            values, counts = np.unique(segmentation[hit], return_counts=True)
+            removed_voxels.update(dict(zip(values.tolist(), counts.tolist())))
+            segmentation[hit] = 0
+            reader_writer.write_seg(segmentation[0], label_out, properties)
+        for folder in ("imagesTs", "labelsTs"):
+            if os.path.isdir(os.path.join(source_folder, folder)):
+                shutil.copytree(os.path.join(source_folder, folder), os.path.join(work, folder))
+        save_json(new_json, os.path.join(work, "dataset.json"), sort_keys=False)
+        os.rename(work, target_folder)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    derivation.removed_voxels = {value: removed_voxels.get(value, 0) for value in sorted(removed)}
+    return derivation
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        remove_labels = None
+        if args.remove_labels is not None:
+            # names or values: resolve a name first, so a label literally named "2" stays a name
+            from batchgenerators.utilities.file_and_folder_operations import load_json
+
+            raw_root = _raw_root()
+            source_json = load_json(os.path.join(raw_root, _source_name(args.source, raw_root), "dataset.json"))
+            resolver = LabelResolver(source_json)
+            remove_labels = [parse_label(token, resolver) for token in args.remove_labels]
+        derivation = derive_partial_dataset(
+            args.source, args.target_id, remove_labels=remove_labels, empty=args.empty,
+            cases_pattern=args.cases_pattern, cases_file=args.cases_file, fraction=args.fraction, seed=args.seed,
+            target_name=args.target_name, progress=not args.no_progress,
+        )
+    except (ValueError, TypeError) as error:
+        print(f"nnunet-losses {COMMAND}: error: {error}", file=sys.stderr)
+        return 2
+    print(derivation.summary())
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        COMMAND,
+        help="derive a partially labelled nnU-Net raw dataset from a fully labelled one",
+        description=textwrap.fill(
+            "Write a NEW nnU-Net raw dataset (in $nnUNet_raw) in which the selected training cases miss some "
+            "labels: --remove-labels sets the given labels to background, --empty replaces the label map by an "
+            "empty one. Images (and imagesTs/labelsTs) are copied unchanged, label files are read and written "
+            "with nnU-Net's reader/writer for the dataset's file_ending (geometry preserved), and the label "
+            "sets are recorded in the new dataset.json under \"annotated_labels\" (case -> annotated labels; "
+            "unlisted cases are fully annotated). The source dataset is never modified; ignore-label voxels "
+            "are kept. Nothing is written when a check fails.", width=100),
+        epilog=(
+            "examples:\n"
+            "  nnunet-losses derive-partial 27 --target-id 527 --remove-labels MYO --cases-file es_frames.txt\n"
+            "  nnunet-losses derive-partial Dataset032_BraTS --target-id 532 --empty --cases-pattern 'LGG_*'\n"
+            "  nnunet-losses derive-partial 27 --target-id 528 --remove-labels 2 --fraction 0.5 --seed 0"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", metavar="DATASET_NAME_OR_ID",
+                        help="the fully labelled source dataset in $nnUNet_raw, by id (27) or name (Dataset027_ACDC)")
+    parser.add_argument("--target-id", "-t", type=int, required=True,
+                        help="id of the new dataset (1-999); must not be used in nnUNet_raw, "
+                             "nnUNet_preprocessed or nnUNet_results")
+    parser.add_argument("--target-name", default=None,
+                        help="name part of the new dataset (DatasetXXX_<name>); default: the source's name + '_partial'")
+    operation = parser.add_mutually_exclusive_group(required=True)
+    operation.add_argument("--remove-labels", nargs="+", metavar="NAME_OR_VALUE",
+                           help="labels to set to background in the selected cases, by name in dataset.json "
+                                "'labels' or by integer value (a region's name stands for all its labels)")
+    operation.add_argument("--empty", action="store_true",
+                           help="replace the selected cases' label maps by empty (all-background) maps; "
+                                "their label set is recorded as [] (nothing annotated)")
+    selection = parser.add_mutually_exclusive_group(required=True)
+    selection.add_argument("--cases-pattern", nargs="+", metavar="GLOB",
+                           help="select the cases whose identifier matches any of these shell-style patterns "
+                                "(e.g. 'patient*_frame12'; quote them)")
+    selection.add_argument("--cases-file", metavar="FILE",
+                           help="select the cases listed in FILE, one identifier per line ('#' starts a comment)")
+    selection.add_argument("--fraction", type=float, metavar="F",
+                           help="select round(F x number of cases) cases at random, F in (0, 1]")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed of --fraction (default: 0), recorded in the new dataset.json")
+    parser.add_argument("--no-progress", action="store_true", help="do not show the progress bar over cases")
+    parser.set_defaults(func=_run)
