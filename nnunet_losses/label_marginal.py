@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._utils import ACTIVATIONS, check_option, check_scalar, prepare, spatial_sum
+from ._utils import ACTIVATIONS, check_ignore_label, check_option, check_scalar, prepare, spatial_sum
 
 PENALTIES = ("l1", "kl", "dice_bias")
 DEFAULT_LAMBDA = {"l1": 1.0, "kl": 0.1, "dice_bias": 0.01}
@@ -31,6 +31,13 @@ def marginal_penalty(y_hat: torch.Tensor, p_hat: torch.Tensor, penalty: str = "l
       :math:`\frac{1}{BC}\sum_{b,c} \log(\hat p + \hat y)`.
 
     ``valid``: optional ``(B,)`` bool, images to average over (those with at least one counted voxel).
+
+    Example:
+        >>> y_hat, p_hat = torch.tensor([[0.75, 0.25]]), torch.tensor([[0.5, 0.5]])
+        >>> float(marginal_penalty(y_hat, p_hat, "l1"))      # (0.25 + 0.25) / 2
+        0.25
+        >>> round(float(marginal_penalty(y_hat, p_hat, "kl")), 6)   # 0.75 ln 1.5 + 0.25 ln 0.5
+        0.130812
     """
     if penalty == "l1":
         per_image = (y_hat - p_hat).abs().mean(1)
@@ -79,7 +86,9 @@ def label_marginal_loss(
 
     CE is nnU-Net's: the mean over counted voxels of the cross-entropy of the logits (softmax,
     equal to ``RobustCrossEntropyLoss`` with the ignore label), or of binary cross-entropy with
-    logits over voxels and regions (sigmoid). With ``lam=0`` the loss is exactly that CE.
+    logits over voxels and regions (sigmoid). With ``lam=0`` the loss is exactly that CE. (With
+    regions *and* a mask, nnU-Net's ``DC_and_BCE_loss`` divides the masked sum over all regions by the
+    voxel count only, C times the mean it takes without a mask; we take the mean in both cases.)
     Range: :math:`[0, \infty)` for l1 and kl.
 
     Example:
@@ -135,7 +144,7 @@ class LabelMarginalLoss(nn.Module):
         self.lam, self.tau = _check_label_marginal_options(penalty, lam, tau, activation)
         self.penalty = penalty
         self.activation = activation
-        self.ignore_label = ignore_label
+        self.ignore_label = check_ignore_label(ignore_label)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return _label_marginal(x, y, loss_mask, self.penalty, self.lam, self.tau, self.activation, self.ignore_label)

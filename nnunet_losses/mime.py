@@ -19,6 +19,7 @@ from ._utils import (
     ClassValues,
     batch_total,
     check_bool,
+    check_ignore_label,
     check_option,
     class_values,
     ddp_active,
@@ -195,6 +196,12 @@ def dice_gradient_weights(intersection, prediction, ground_truth, epsilon, num_s
     :math:`a = \frac{1}{|Φ|}\left(\frac{2}{D} - \frac{2I + ε}{D^2}\right)` (minus the gradient where
     :math:`y = 1`) and :math:`b = \frac{2I + ε}{|Φ| D^2}` (the gradient where :math:`y = 0`).
     With ε = 0 and one subset: :math:`a = 2(U-I)/U^2`, :math:`b = 2I/U^2` (eq. 6).
+
+    Example:
+        >>> I, P, G = torch.tensor(2.0), torch.tensor(3.0), torch.tensor(5.0)   # U = 8
+        >>> a, b = dice_gradient_weights(I, P, G, epsilon=0.0, num_subsets=1)
+        >>> float(a), float(b)                                                   # 2·6/64, 2·2/64
+        (0.1875, 0.0625)
     """
     denominator = (prediction + ground_truth + epsilon).clamp_min(1e-8)
     b = (2 * intersection + epsilon) / (num_subsets * denominator**2)
@@ -227,6 +234,13 @@ def dynamic_mime_loss(
     Under DDP with ``phi`` in BI/BCI the sums are global and the loss is scaled by the world size, so
     that after DDP's gradient averaging the gradient equals that of one process with the whole batch
     (the same convention as nnU-Net's ``AllGatherGrad``).
+
+    Example:
+        >>> x = torch.zeros(1, 2, 1, 2)                      # s = 0.5 everywhere
+        >>> y = torch.tensor([[[[1, 0]]]])                   # class 1: I = 0.5, U = 2
+        >>> # a = 2/2 - 1/4 = 0.75, b = 2·0.5/4 = 0.25: L = b·Σs - (a+b)·I = 0.25 - 0.5
+        >>> dynamic_mime_loss(x, y, epsilon=0.0)
+        tensor(-0.2500)
     """
     from .dice import _check_phi_options  # one place checks Φ/ε combinations
 
@@ -277,7 +291,7 @@ class MimeLoss(nn.Module):
         self.include_background = include_background
         self.activation = activation
         self.reduction = reduction
-        self.ignore_label = ignore_label
+        self.ignore_label = check_ignore_label(ignore_label)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return _mime(x, y, loss_mask, self.a, self.b, self.include_background, self.activation, self.reduction,
@@ -298,7 +312,7 @@ class NegativeMimeLoss(nn.Module):
         self.include_background = include_background
         self.reduction = reduction
         self.activation = activation
-        self.ignore_label = ignore_label
+        self.ignore_label = check_ignore_label(ignore_label)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return negative_mime_loss(x, y, loss_mask, self.include_background, self.reduction, self.activation,
@@ -322,7 +336,7 @@ class DynamicMimeLoss(nn.Module):
         self.include_background = include_background
         self.activation = activation
         self.ddp = ddp
-        self.ignore_label = ignore_label
+        self.ignore_label = check_ignore_label(ignore_label)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return dynamic_mime_loss(x, y, loss_mask, self.phi, self.include_background, self.activation, self.epsilon,
