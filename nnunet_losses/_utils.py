@@ -7,6 +7,7 @@ masks, float32 sums, DDP batch reductions) are decided in exactly one place.
 from __future__ import annotations
 
 import difflib
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -27,7 +28,8 @@ def check_option(name: str, value: object, allowed: Sequence[str]) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{name}: expected one of {list(allowed)}, got {type(value).__name__} {value!r}")
     if value not in allowed:
-        close = difflib.get_close_matches(value, allowed, n=1)
+        # a case slip ("L1", "bi") is the commonest typo and difflib scores it too low to suggest
+        close = [a for a in allowed if a.lower() == value.lower()] or difflib.get_close_matches(value, allowed, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"{name}: expected one of {list(allowed)}, got {value!r}{hint}")
     return value
@@ -37,6 +39,15 @@ def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
     return value
+
+
+def check_ignore_label(value: object) -> Optional[int]:
+    """nnU-Net's ignore label: None or an integer label value."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy ints (from plans) are fine
+        raise TypeError(f"ignore_label: expected None or an int label value, got {type(value).__name__} {value!r}")
+    return int(value)
 
 
 def check_scalar(name: str, value: object, *, positive: bool = False) -> float:
@@ -138,16 +149,18 @@ def prepare(
     * sigmoid: ``y`` is a ``(B, C, *spatial)`` region target (0/1 per channel).
     """
     check_logits(x, activation)
+    ignore_label = check_ignore_label(ignore_label)
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y: expected a torch.Tensor target, got {type(y).__name__}")
     if y.is_complex():
         raise TypeError(f"y: expected a real-valued target, got dtype {y.dtype}")
+    received = tuple(y.shape)  # errors name the shape the caller passed, not the one with a channel axis added
     y = _with_channel_dim(y, x)
     num_channels = x.shape[1]
     if y.ndim != x.ndim or y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:
         raise ValueError(
             f"y: expected a target of shape {(x.shape[0], 1, *x.shape[2:])} (label map) or {tuple(x.shape)} "
-            f"(one-hot/regions) for x of shape {tuple(x.shape)}, got shape {tuple(y.shape)}"
+            f"(one-hot/regions) for x of shape {tuple(x.shape)}, got shape {received}"
         )
     is_label_map = y.shape[1] == 1 and not (activation == "sigmoid" and num_channels == 1)
     if not is_label_map and y.shape[1] != num_channels:
@@ -157,18 +170,19 @@ def prepare(
     if activation == "sigmoid" and is_label_map:
         raise ValueError(
             f"y: expected a (B, {num_channels}, ...) region target for activation='sigmoid' (every channel is a "
-            f"region, as nnU-Net's region datasets), got a label map of shape {tuple(y.shape)}"
+            f"region, as nnU-Net's region datasets), got a label map of shape {received}"
         )
 
     mask = None
     if loss_mask is not None:
         if not isinstance(loss_mask, torch.Tensor):
             raise TypeError(f"loss_mask: expected a torch.Tensor or None, got {type(loss_mask).__name__}")
+        received = tuple(loss_mask.shape)
         loss_mask = _with_channel_dim(loss_mask, x)
         if loss_mask.shape != (x.shape[0], 1, *x.shape[2:]):
             raise ValueError(
                 f"loss_mask: expected shape {(x.shape[0], 1, *x.shape[2:])} (1 = voxel counts), "
-                f"got shape {tuple(loss_mask.shape)}"
+                f"got shape {received}"
             )
         mask = loss_mask
 

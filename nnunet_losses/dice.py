@@ -14,6 +14,7 @@ from ._utils import (
     PHIS,
     ClassValues,
     check_bool,
+    check_ignore_label,
     check_option,
     class_values,
     ddp_active,
@@ -118,7 +119,7 @@ class PhiDiceLoss(nn.Module):
         self.include_background = include_background
         self.activation = activation
         self.ddp = ddp
-        self.ignore_label = ignore_label
+        self.ignore_label = check_ignore_label(ignore_label)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return _phi_dice(x, y, loss_mask, self.phi, self.epsilon, self.include_background, self.activation, self.ddp,
@@ -154,6 +155,15 @@ def estimate_epsilon(targets: Iterable, num_classes: int, ignore_label: Optional
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
+    ignore_label = check_ignore_label(ignore_label)
+    # iterating one tensor would walk its samples, and a (B, 1, 1, H, W) batch would pass the shape check
+    if isinstance(targets, (torch.Tensor, np.ndarray)):
+        raise TypeError(
+            f"targets: expected an iterable of (B, 1, *spatial) label maps (a list or a dataloader), got a single "
+            f"{type(targets).__name__} of shape {tuple(targets.shape)}; wrap it in a list"
+        )
+    if not isinstance(targets, Iterable):
+        raise TypeError(f"targets: expected an iterable of (B, 1, *spatial) label maps, got {type(targets).__name__}")
     totals = torch.zeros(num_classes, dtype=torch.float64)
     samples = 0
     for index, target in enumerate(targets):

@@ -21,6 +21,7 @@ from ._utils import (
     ClassValues,
     check_annotated,
     check_bool,
+    check_ignore_label,
     check_option,
     class_values,
     masked_mean,
@@ -34,14 +35,18 @@ from ._utils import (
 
 
 def _resolve_annotated(annotated, ground_truth, softmax: bool) -> torch.Tensor:
-    """The ``(B, C)`` annotated table: given (checked against the target) or the Σy > 0 fallback."""
+    """The ``(B, C)`` annotated table: given (checked against the target) or the Σy > 0 fallback.
+
+    With softmax a class with voxels cannot be missing, so that contradiction is refused. Sigmoid
+    regions may legitimately have voxels and still be unannotated: a region made of several labels
+    is incomplete (not annotated) when one of its labels was not annotated in that case.
+    """
     present = ground_truth > 0
     if annotated is None:
         annotated = present.clone()
-    else:
+    elif softmax:
         contradiction = present & ~annotated
-        if softmax:
-            contradiction[:, 0] = False
+        contradiction[:, 0] = False
         if bool(contradiction.any()):
             sample, cls = (int(v) for v in contradiction.nonzero()[0])
             raise ValueError(
@@ -189,7 +194,7 @@ class MarginalDiceLoss(nn.Module):
         _refuse_sigmoid(activation)  # at construction, not at the first batch
         self.include_background = include_background
         self.activation = activation
-        self.ignore_label = ignore_label
+        self.ignore_label = check_ignore_label(ignore_label)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
                 annotated: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -209,7 +214,7 @@ class LeafDiceLoss(nn.Module):
         self.register_buffer("epsilon", _check_missing_label_options(epsilon, include_background, activation))
         self.include_background = include_background
         self.activation = activation
-        self.ignore_label = ignore_label
+        self.ignore_label = check_ignore_label(ignore_label)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
                 annotated: Optional[torch.Tensor] = None) -> torch.Tensor:
