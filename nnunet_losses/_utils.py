@@ -50,6 +50,12 @@ def check_ignore_label(value: object) -> Optional[int]:
     return int(value)
 
 
+def check_optional_bool(name: str, value: object) -> Optional[bool]:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name}: expected None or a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
 def check_scalar(name: str, value: object, *, positive: bool = False) -> float:
     """A finite non-negative (or strictly positive) Python number."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -147,6 +153,9 @@ def prepare(
     * softmax: ``y`` is a ``(B, 1, *spatial)`` label map with values in ``[0, C-1]`` (or
       ``ignore_label``), or a ``(B, C, *spatial)`` one-hot target.
     * sigmoid: ``y`` is a ``(B, C, *spatial)`` region target (0/1 per channel).
+
+    Float label maps (nnU-Net's dataloader may deliver them) are rounded to the nearest integer;
+    ``loss_mask`` values other than 0/1 act as per-voxel weights (not checked: that would cost a sync).
     """
     check_logits(x, activation)
     ignore_label = check_ignore_label(ignore_label)

@@ -14,6 +14,7 @@ from ._utils import (
     PHIS,
     ClassValues,
     check_bool,
+    check_optional_bool,
     check_ignore_label,
     check_option,
     class_values,
@@ -28,8 +29,9 @@ from ._utils import (
 )
 
 
-def _check_phi_options(phi, include_background, activation, epsilon: torch.Tensor):
+def _check_phi_options(phi, include_background, activation, epsilon: torch.Tensor, ddp=None):
     check_option("phi", phi, PHIS)
+    check_optional_bool("ddp", ddp)
     check_bool("include_background", include_background)
     check_option("activation", activation, ACTIVATIONS)
     if epsilon.ndim == 1 and phi in ("CI", "BCI"):
@@ -86,7 +88,7 @@ def phi_dice_loss(
         tensor(0.5000)
     """
     eps = class_values("epsilon", epsilon)
-    _check_phi_options(phi, include_background, activation, eps)
+    _check_phi_options(phi, include_background, activation, eps, ddp)
     return _phi_dice(x, y, loss_mask, phi, eps, include_background, activation, ddp, ignore_label)
 
 
@@ -114,7 +116,7 @@ class PhiDiceLoss(nn.Module):
                  activation: str = "softmax", ddp: Optional[bool] = None, ignore_label: Optional[int] = None):
         super().__init__()
         self.register_buffer("epsilon", class_values("epsilon", epsilon))
-        _check_phi_options(phi, include_background, activation, self.epsilon)
+        _check_phi_options(phi, include_background, activation, self.epsilon, ddp)
         self.phi = phi
         self.include_background = include_background
         self.activation = activation
@@ -153,7 +155,9 @@ def estimate_epsilon(targets: Iterable, num_classes: int, ignore_label: Optional
         >>> estimate_epsilon(maps, num_classes=3)                            # (1+4)/2, (2+0)/2, (1+0)/2
         tensor([2.5000, 1.0000, 0.5000], dtype=torch.float64)
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise TypeError(f"num_classes: expected an int >= 1, got {type(num_classes).__name__} {num_classes!r}")
+    if num_classes < 1:
         raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
     ignore_label = check_ignore_label(ignore_label)
     # iterating one tensor would walk its samples, and a (B, 1, 1, H, W) batch would pass the shape check

@@ -119,7 +119,8 @@ def mime_loss(
     per channel (§2.3: "pre-computed from the dataset's class distribution"). With
     ``include_background=False`` (softmax only) channel 0 gets :math:`w = 0`.
 
-    Range (mean, softmax): :math:`[-\max_c a_c, \max_c b_c]`; everything masked gives 0.
+    Range (mean): :math:`[-\max_c a_c, \max_c b_c]` with softmax, :math:`[-C \max_c a_c, C \max_c b_c]` with
+    sigmoid (C independent channels); everything masked gives 0.
 
     Args:
         x: logits ``(B, C, *spatial)``, 2D or 3D.
@@ -229,7 +230,9 @@ def dynamic_mime_loss(
     with respect to :math:`s` (hence to the logits) is *exactly* that of
     ``phi_dice_loss(x, y, phi=phi, epsilon=epsilon, include_background=include_background)``: a
     living proof of the paper's analysis that the Dice loss supervises as a weighted negative of the
-    label. Its *value* is the linear mime :math:`w^\top s` (negative; not a Dice value).
+    label. Its *value* is the linear mime :math:`w^\top s`, not a Dice value: per subset
+    :math:`(εP - 2I(G + ε)) / (|Φ| D^2)`, so the range is :math:`[-1/2, 1/4]` (positive only for an
+    empty subset with ε > 0).
 
     Under DDP with ``phi`` in BI/BCI the sums are global and the loss is scaled by the world size, so
     that after DDP's gradient averaging the gradient equals that of one process with the whole batch
@@ -244,7 +247,7 @@ def dynamic_mime_loss(
     """
     from .dice import _check_phi_options  # one place checks Φ/ε combinations
 
-    _check_phi_options(phi, include_background, activation, class_values("epsilon", epsilon))
+    _check_phi_options(phi, include_background, activation, class_values("epsilon", epsilon), ddp)
     prepared = prepare(x, y, loss_mask, activation, ignore_label)
     probs = probabilities(x, activation, prepared.dtype)
     intersection, prediction, ground_truth = overlap_sums(probs, prepared.target, prepared.mask)
@@ -331,7 +334,7 @@ class DynamicMimeLoss(nn.Module):
         from .dice import _check_phi_options
 
         self.register_buffer("epsilon", class_values("epsilon", epsilon))
-        _check_phi_options(phi, include_background, activation, self.epsilon)
+        _check_phi_options(phi, include_background, activation, self.epsilon, ddp)
         self.phi = phi
         self.include_background = include_background
         self.activation = activation
