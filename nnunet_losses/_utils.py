@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import numbers
-from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -101,19 +100,35 @@ def per_class(name: str, values: torch.Tensor, num_channels: int, like: torch.Te
 # ----------------------------------------------------------------------------------------------
 # inputs
 # ----------------------------------------------------------------------------------------------
-@dataclass
 class Prepared:
     """What every loss needs from ``(x, y, loss_mask)``.
 
-    ``target`` is a float one-hot / region tensor shaped like ``x`` (built under ``no_grad``),
-    ``mask`` is None or a float ``(B, 1, *spatial)`` tensor of 0/1, ``labels`` is the integer label
-    map ``(B, 1, *spatial)`` when one was given (masked voxels set to 0), else None.
+    ``labels`` is the integer label map ``(B, 1, *spatial)`` when one was given (masked voxels set to
+    0), else None; ``mask`` is None or a float ``(B, 1, *spatial)`` tensor; ``target`` is the float
+    one-hot / region tensor shaped like ``x``: given by the caller, or built from ``labels`` (under
+    ``no_grad``) only when a loss asks for it -- the overlap sums never need it.
     """
 
-    target: torch.Tensor
-    mask: Optional[torch.Tensor]
-    labels: Optional[torch.Tensor]
-    dtype: torch.dtype
+    def __init__(self, labels, given_target, mask, dtype, shape, device):
+        self.labels = labels
+        self.mask = mask
+        self.dtype = dtype
+        self._target = given_target
+        self._shape = shape
+        self._device = device
+
+    @property
+    def target(self) -> torch.Tensor:
+        if self._target is None:
+            with torch.no_grad():
+                self._target = torch.zeros(self._shape, device=self._device, dtype=self.dtype)
+                self._target.scatter_(1, self.labels, 1)
+        return self._target
+
+    @property
+    def given_target(self) -> Optional[torch.Tensor]:
+        """The caller's one-hot/region target (None for a label map)."""
+        return None if self.labels is not None else self._target
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -215,8 +230,7 @@ def prepare(
                         + (f" (or the ignore label {ignore_label})" if ignore_label is not None else "")
                         + f", got values in [{lo}, {hi}]"
                     )
-            target = torch.zeros(x.shape, device=x.device, dtype=dtype)
-            target.scatter_(1, labels, 1)
+            target = None
         else:
             if ignore_label is not None:
                 raise ValueError(
@@ -226,7 +240,7 @@ def prepare(
             target = y.to(dtype)
         if mask is not None:
             mask = mask.to(dtype)
-    return Prepared(target=target, mask=mask, labels=labels, dtype=dtype)
+    return Prepared(labels, target, mask, dtype, x.shape, x.device)
 
 
 def probabilities(x: torch.Tensor, activation: str, dtype: torch.dtype) -> torch.Tensor:
@@ -259,17 +273,120 @@ def spatial_sum(t: torch.Tensor) -> torch.Tensor:
     return t.sum(dim=tuple(range(2, t.ndim)), dtype=torch.float32 if t.dtype != torch.float64 else None)
 
 
-def overlap_sums(probs: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]):
-    """Per (b, c): intersection ``Σ m·y·s``, prediction ``Σ m·s`` and ground truth ``Σ m·y``."""
-    if mask is not None:
-        probs_masked = probs * mask
-        target = target * mask
-    else:
-        probs_masked = probs
-    intersection = spatial_sum(probs_masked * target)
-    prediction = spatial_sum(probs_masked)
-    with torch.no_grad():
-        ground_truth = spatial_sum(target)
+class _OverlapSums(torch.autograd.Function):
+    r"""Per (b, c) sums of the probabilities, straight from the logits, with a closed-form backward.
+
+    ``I = Σ_i m y s`` (intersection), ``P = Σ_i m s`` (prediction) and, for marginal Dice,
+    ``R = Σ_i m y_0 s`` (each channel's probability summed over the background voxels). Every loss of
+    the package is a function of these (B, C) tables, so one Function serves them all: the forward
+    never builds a one-hot map for label-map targets (the intersection is a gather + scatter-add),
+    and the backward keeps nothing but the logits, recomputing the probabilities once:
+    with :math:`g_{c,i} = m_i (g^P_c + g^I_c y_{c,i} + g^R_c y_{0,i})`,
+    softmax: :math:`∂/∂x_c = s_c (g_c - Σ_k g_k s_k)`; sigmoid: :math:`∂/∂x_c = g_c s_c (1 - s_c)`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, labels, target, mask, softmax: bool, background_row: bool):
+        ctx.set_materialize_grads(False)
+        with torch.autocast(x.device.type, enabled=False):  # sums stay float32 under autocast
+            return _OverlapSums._forward(ctx, x, labels, target, mask, softmax, background_row)
+
+    @staticmethod
+    def _forward(ctx, x, labels, target, mask, softmax: bool, background_row: bool):
+        dtype = compute_dtype(x)
+        probs = probabilities(x, "softmax" if softmax else "sigmoid", dtype).flatten(2)  # (B, C, N)
+        weights = None if mask is None else mask.flatten(1).to(dtype)  # (B, N)
+        prediction = probs.sum(-1) if weights is None else torch.einsum("bcn,bn->bc", probs, weights)
+        row = None
+        if labels is not None:
+            flat_labels = labels.flatten(1)
+            at_label = probs.gather(1, flat_labels.unsqueeze(1)).squeeze(1)
+            if weights is not None:
+                at_label = at_label * weights
+            intersection = torch.zeros_like(prediction).scatter_add_(1, flat_labels, at_label)
+            if background_row:
+                on_background = (flat_labels == 0).to(dtype)
+                if weights is not None:
+                    on_background = on_background * weights
+                row = torch.einsum("bcn,bn->bc", probs, on_background)
+        else:
+            flat_target = target.flatten(2).to(dtype)
+            overlap = probs * flat_target
+            intersection = overlap.sum(-1) if weights is None else torch.einsum("bcn,bn->bc", overlap, weights)
+            if background_row:
+                on_background = flat_target[:, 0] if weights is None else flat_target[:, 0] * weights
+                row = torch.einsum("bcn,bn->bc", probs, on_background)
+        ctx.save_for_backward(x, labels, target, mask)
+        ctx.softmax = softmax
+        return intersection, prediction, row
+
+    @staticmethod
+    def backward(ctx, grad_intersection, grad_prediction, grad_row):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return _OverlapSums._backward(ctx, grad_intersection, grad_prediction, grad_row)
+
+    @staticmethod
+    def _backward(ctx, grad_intersection, grad_prediction, grad_row):
+        x, labels, target, mask = ctx.saved_tensors
+        dtype = compute_dtype(x)
+        probs = probabilities(x, "softmax" if ctx.softmax else "sigmoid", dtype).flatten(2)  # (B, C, N)
+        zeros = probs.new_zeros(probs.shape[:2])
+        g_int = (zeros if grad_intersection is None else grad_intersection.to(dtype)).unsqueeze(-1)
+        g_pred = (zeros if grad_prediction is None else grad_prediction.to(dtype)).unsqueeze(-1)
+        if labels is not None:  # softmax only: sigmoid always has a region target
+            # ∂/∂x_c = s_c (g^P_c + g^R_c y_0 - Σ_k g_k s_k) + [c = l] s_l g^I_l, written into the fresh
+            # probability tensor channel by channel: no second full-size tensor is ever allocated
+            flat_labels = labels.flatten(1).unsqueeze(1)  # (B, 1, N)
+            g_at_label = g_int.expand(-1, -1, probs.shape[-1]).gather(1, flat_labels)  # g^I at the own label
+            at_label = probs.gather(1, flat_labels).mul_(g_at_label)  # s_l g^I_l
+            mean = torch.einsum("bcn,bc->bn", probs, g_pred[..., 0]).unsqueeze(1).add_(at_label)  # Σ_k g_k s_k
+            on_background = None
+            if grad_row is not None:
+                on_background = (flat_labels == 0).to(dtype)
+                mean.addcmul_(on_background, torch.einsum("bcn,bc->bn", probs, grad_row.to(dtype)).unsqueeze(1))
+            for channel in range(probs.shape[1]):
+                factor = g_pred[:, channel] - mean[:, 0]  # (B, 1) - (B, N)
+                if on_background is not None:
+                    factor.addcmul_(on_background[:, 0], grad_row[:, channel:channel + 1].to(dtype))
+                probs[:, channel].mul_(factor)
+            grad = probs.scatter_add_(1, flat_labels, at_label)
+        else:
+            flat_target = target.flatten(2).to(dtype)
+            g = g_pred + g_int * flat_target
+            if grad_row is not None:
+                g = g + grad_row.to(dtype).unsqueeze(-1) * flat_target[:, :1]
+            if ctx.softmax:
+                grad = probs * (g - (g * probs).sum(1, keepdim=True))
+            else:
+                grad = g * probs * (1 - probs)
+        if mask is not None:
+            grad.mul_(mask.flatten(1).to(dtype).unsqueeze(1))
+        return grad.view(x.shape).to(x.dtype), None, None, None, None, None
+
+
+@torch.no_grad()
+def ground_truth_sums(prepared: "Prepared", num_channels: int) -> torch.Tensor:
+    """``Σ_i m·y`` per (b, c), without building a one-hot map for label maps."""
+    labels, mask = prepared.labels, prepared.mask
+    if labels is None:
+        target = prepared.given_target
+        return spatial_sum(target if mask is None else target * mask)
+    weights = torch.ones_like(labels, dtype=prepared.dtype) if mask is None else mask.to(prepared.dtype)
+    sums = torch.zeros(labels.shape[0], num_channels, dtype=prepared.dtype, device=labels.device)
+    return sums.scatter_add_(1, labels.flatten(1), weights.flatten(1))
+
+
+def overlap_stats(x: torch.Tensor, prepared: "Prepared", activation: str, background_row: bool = False):
+    """Per (b, c): intersection ``Σ m·y·s``, prediction ``Σ m·s``, ground truth ``Σ m·y`` (no gradient)
+    and, with ``background_row``, ``Σ m·y_0·s`` -- from the logits ``x``, see :class:`_OverlapSums`."""
+    if background_row and activation != "softmax":
+        raise ValueError("background_row: expected activation='softmax' (sigmoid regions have no background)")
+    labels, target, mask = prepared.labels, prepared.given_target, prepared.mask
+    intersection, prediction, row = _OverlapSums.apply(x, labels, target, mask, activation == "softmax",
+                                                       background_row)
+    ground_truth = ground_truth_sums(prepared, x.shape[1])
+    if background_row:
+        return intersection, prediction, ground_truth, row
     return intersection, prediction, ground_truth
 
 

@@ -20,10 +20,9 @@ from ._utils import (
     class_values,
     ddp_active,
     label_counts,
-    overlap_sums,
+    overlap_stats,
     per_class,
     prepare,
-    probabilities,
     reduce_phi,
     soft_dice,
 )
@@ -94,13 +93,9 @@ def phi_dice_loss(
 
 def _phi_dice(x, y, loss_mask, phi, eps, include_background, activation, ddp, ignore_label):
     prepared = prepare(x, y, loss_mask, activation, ignore_label)
-    probs = probabilities(x, activation, prepared.dtype)
     first = 1 if (activation == "softmax" and not include_background) else 0
-    if first:  # excluded means left out of the mean, not weighted 0 inside it
-        probs, target = probs[:, first:], prepared.target[:, first:]
-    else:
-        target = prepared.target
-    stats = overlap_sums(probs, target, prepared.mask)
+    # excluded means left out of the mean, not weighted 0 inside it
+    stats = tuple(s[:, first:] for s in overlap_stats(x, prepared, activation))
     eps = per_class("epsilon", eps, x.shape[1], stats[0])[first:]
     stats = reduce_phi(stats, phi, gather=phi in ("BI", "BCI") and ddp_active(ddp))
     if phi in ("CI", "BCI"):

@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._utils import ACTIVATIONS, check_ignore_label, check_option, check_scalar, prepare, spatial_sum
+from ._utils import (
+    ACTIVATIONS,
+    check_ignore_label,
+    check_option,
+    check_scalar,
+    ground_truth_sums,
+    prepare,
+    spatial_sum,
+)
 
 PENALTIES = ("l1", "kl", "dice_bias")
 DEFAULT_LAMBDA = {"l1": 1.0, "kl": 0.1, "dice_bias": 0.01}
@@ -120,17 +128,15 @@ def _label_marginal(x, y, loss_mask, penalty, lam, tau, activation, ignore_label
         return ce
 
     sharpened = torch.softmax(tau * logits, 1) if activation == "softmax" else torch.sigmoid(tau * logits)
-    target = prepared.target
     if mask is not None:
-        sharpened, target = sharpened * mask, target * mask
+        sharpened = sharpened * mask
         counted = spatial_sum(mask)  # (B, 1)
     else:
         counted = torch.full((x.shape[0], 1), float(x[0, 0].numel()), dtype=prepared.dtype, device=x.device)
     valid = counted[:, 0] > 0
     counted = counted.clamp_min(1)
     p_hat = spatial_sum(sharpened) / counted
-    with torch.no_grad():
-        y_hat = spatial_sum(target) / counted
+    y_hat = ground_truth_sums(prepared, x.shape[1]) / counted
     return ce + lam * marginal_penalty(y_hat, p_hat, penalty, activation, valid)
 
 

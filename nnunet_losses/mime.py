@@ -15,76 +15,21 @@ from torch import nn
 
 from ._utils import (
     ACTIVATIONS,
-    PHIS,
     ClassValues,
-    batch_total,
     check_bool,
     check_ignore_label,
     check_option,
     class_values,
     ddp_active,
-    overlap_sums,
+    overlap_stats,
     per_class,
     prepare,
-    probabilities,
     reduce_phi,
     voxel_count,
     world_size,
 )
 
 REDUCTIONS = ("mean", "sum")
-
-
-class _LinearProbabilityLoss(torch.autograd.Function):
-    r"""``Σ_{b,c,i} m_i w_{b,c,i} s_{b,c,i} / n`` with ``w = b_c - (a_c + b_c) y`` and a closed-form backward.
-
-    Neither the one-hot target nor the probabilities are kept for backward: the probabilities are
-    recomputed from the logits (which the network keeps anyway) and the weights from the label map,
-    so the extra memory is one probability tensor at a time.
-
-    softmax: ``∂L/∂x_c = s_c (w_c - Σ_k w_k s_k) m / n``;  sigmoid: ``∂L/∂x_c = w_c s_c (1 - s_c) m / n``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, labels, target, mask, a, b, normaliser, softmax: bool):
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        probs = probabilities(x, "softmax" if softmax else "sigmoid", dtype)
-        weighted = _weighted_sum_over_channels(probs, labels, target, a, b)  # (B, 1, *) = Σ_c w_c s_c
-        if mask is not None:
-            weighted = weighted * mask
-        loss = weighted.sum(dtype=dtype) / normaliser
-        ctx.save_for_backward(x, labels, target, mask, a, b, normaliser)
-        ctx.softmax = softmax
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        x, labels, target, mask, a, b, normaliser = ctx.saved_tensors
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        probs = probabilities(x, "softmax" if ctx.softmax else "sigmoid", dtype)
-        view = (1, -1) + (1,) * (x.ndim - 2)
-        if ctx.softmax:
-            mean_weight = _weighted_sum_over_channels(probs, labels, target, a, b)  # Σ_k w_k s_k
-            grad = probs * (b.view(view) - mean_weight)  # s_c (b_c - Σ_k w_k s_k)
-            if labels is not None:  # the -(a+b) y part of w, only at each voxel's own label
-                at_label = (a + b)[labels] * probs.gather(1, labels)
-                grad.scatter_add_(1, labels, -at_label)
-            else:
-                grad -= probs * target * (a + b).view(view)
-        else:
-            weights = b.view(view) - (a + b).view(view) * target
-            grad = weights * probs * (1 - probs)
-        scale = grad_output / normaliser
-        grad = grad * (scale if mask is None else mask * scale)
-        return grad.to(x.dtype), None, None, None, None, None, None, None
-
-
-def _weighted_sum_over_channels(probs, labels, target, a, b):
-    """``Σ_c w_c s_c`` per voxel, ``(B, 1, *)``, without building the weight map when a label map is given."""
-    view = (1, -1) + (1,) * (probs.ndim - 2)
-    if labels is not None:
-        return (probs * b.view(view)).sum(1, keepdim=True) - (a + b)[labels] * probs.gather(1, labels)
-    return (probs * (b.view(view) - (a + b).view(view) * target)).sum(1, keepdim=True)
 
 
 def _check_mime_options(include_background, activation, reduction):
@@ -141,17 +86,15 @@ def mime_loss(
 
 def _mime(x, y, loss_mask, a, b, include_background, activation, reduction, ignore_label):
     prepared = prepare(x, y, loss_mask, activation, ignore_label)
-    num_channels = x.shape[1]
-    a = per_class("a", a, num_channels, torch.empty((), dtype=prepared.dtype, device=x.device)).clone()
-    b = per_class("b", b, num_channels, torch.empty((), dtype=prepared.dtype, device=x.device)).clone()
-    if activation == "softmax" and not include_background:
-        a[0] = 0
-        b[0] = 0
-    normaliser = voxel_count(x, prepared.mask).to(prepared.dtype) if reduction == "mean" else torch.ones(
-        (), dtype=prepared.dtype, device=x.device)
-    labels = prepared.labels
-    target = None if labels is not None else prepared.target
-    return _LinearProbabilityLoss.apply(x, labels, target, prepared.mask, a, b, normaliser, activation == "softmax")
+    intersection, prediction, _ = overlap_stats(x, prepared, activation)
+    a = per_class("a", a, x.shape[1], intersection)
+    b = per_class("b", b, x.shape[1], intersection)
+    first = 1 if (activation == "softmax" and not include_background) else 0
+    # Σ_{b,c,i} m w s with w = b - (a + b) y is linear in the overlap sums: Σ_c b_c P_c - (a_c + b_c) I_c
+    total = (b[first:] * prediction[:, first:] - (a + b)[first:] * intersection[:, first:]).sum()
+    if reduction == "sum":
+        return total
+    return total / voxel_count(x, prepared.mask).to(total.dtype)
 
 
 def negative_mime_loss(
@@ -249,8 +192,7 @@ def dynamic_mime_loss(
 
     _check_phi_options(phi, include_background, activation, class_values("epsilon", epsilon), ddp)
     prepared = prepare(x, y, loss_mask, activation, ignore_label)
-    probs = probabilities(x, activation, prepared.dtype)
-    intersection, prediction, ground_truth = overlap_sums(probs, prepared.target, prepared.mask)
+    intersection, prediction, ground_truth = overlap_stats(x, prepared, activation)
     first = 1 if (activation == "softmax" and not include_background) else 0
     intersection, prediction, ground_truth = intersection[:, first:], prediction[:, first:], ground_truth[:, first:]
     eps = per_class("epsilon", class_values("epsilon", epsilon), x.shape[1], intersection)[first:]

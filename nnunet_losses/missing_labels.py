@@ -25,12 +25,10 @@ from ._utils import (
     check_option,
     class_values,
     masked_mean,
-    overlap_sums,
+    overlap_stats,
     per_class,
     prepare,
-    probabilities,
     soft_dice,
-    spatial_sum,
 )
 
 
@@ -113,23 +111,17 @@ def _marginal(x, y, loss_mask, annotated, eps, include_background, activation, i
     _refuse_sigmoid(activation)
     prepared = prepare(x, y, loss_mask, activation, ignore_label)
     annotated = check_annotated(annotated, x.shape[0], x.shape[1], x.device)
-    probs = probabilities(x, activation, prepared.dtype)
-    intersection, prediction, ground_truth = overlap_sums(probs, prepared.target, prepared.mask)
+    intersection, prediction, ground_truth, background_row = overlap_stats(x, prepared, activation,
+                                                                          background_row=True)
     annotated = _resolve_annotated(annotated, ground_truth, softmax=True)
     missing = (~annotated).to(prepared.dtype)  # column 0 is False
-
-    # Σ_{c ∉ A_b} s_c per voxel: a channel contraction, so no merged copy of the probabilities is built
-    view = missing.shape + (1,) * (x.ndim - 2)
-    moved = (probs * missing.view(view)).sum(1, keepdim=True)
-    background_target = prepared.target[:, :1] + (prepared.target * missing.view(view)).sum(1, keepdim=True)
-    if prepared.mask is not None:
-        moved = moved * prepared.mask
-        background_target = background_target * prepared.mask
-    merged_intersection = intersection[:, :1] + spatial_sum(moved * background_target)
-    # the missing classes' own y·s (their y is 0 unless annotated was wrong, which is refused) is inside moved
-    merged_prediction = prediction[:, :1] + spatial_sum(moved)
-    merged_ground_truth = spatial_sum(background_target)
-
+    # merged background s'_0 = Σ_{c in Z} s_c, Z = {0} ∪ missing; a missing class has no voxels (refused
+    # otherwise), so y'_0 = y_0 and I'_0 = Σ_{c in Z} Σ_i m y_0 s_c, P'_0 = Σ_{c in Z} P_c, G'_0 = G_0
+    merged = missing.clone()
+    merged[:, 0] = 1
+    merged_intersection = (background_row * merged).sum(1, keepdim=True)
+    merged_prediction = (prediction * merged).sum(1, keepdim=True)
+    merged_ground_truth = ground_truth[:, :1]
     intersection = torch.cat([merged_intersection, intersection[:, 1:]], 1)
     prediction = torch.cat([merged_prediction, prediction[:, 1:]], 1)
     ground_truth = torch.cat([merged_ground_truth, ground_truth[:, 1:]], 1)
@@ -173,8 +165,7 @@ def leaf_dice_loss(
 def _leaf(x, y, loss_mask, annotated, eps, include_background, activation, ignore_label):
     prepared = prepare(x, y, loss_mask, activation, ignore_label)
     annotated = check_annotated(annotated, x.shape[0], x.shape[1], x.device)
-    probs = probabilities(x, activation, prepared.dtype)
-    intersection, prediction, ground_truth = overlap_sums(probs, prepared.target, prepared.mask)
+    intersection, prediction, ground_truth = overlap_stats(x, prepared, activation)
     softmax = activation == "softmax"
     keep = _resolve_annotated(annotated, ground_truth, softmax)
     if softmax:
