@@ -221,7 +221,9 @@ def prepare(
                 mask = keep if mask is None else (mask.bool() & keep)
             if mask is not None:
                 labels = torch.where(mask.bool(), labels, 0)
-            if labels.numel():
+            # out-of-range labels would corrupt scatter/gather: check them, except inside torch.compile,
+            # where the host sync would break the graph (nnU-Net compiles the loss on CUDA)
+            if labels.numel() and not torch.compiler.is_compiling():
                 lo, hi = torch.aminmax(labels)
                 lo, hi = int(lo), int(hi)  # one host sync; out-of-range labels would corrupt scatter_
                 if lo < 0 or hi >= num_channels:

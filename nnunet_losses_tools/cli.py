@@ -12,7 +12,13 @@ import sys
 from typing import Optional, Sequence
 
 # modules that register subcommands, in the order they appear in --help
-SUBCOMMAND_MODULES: list[str] = []
+SUBCOMMAND_MODULES: list[str] = [
+    "nnunet_losses_tools.discovery",
+    "nnunet_losses_tools.derive",
+    "nnunet_losses_tools.diagnostics",
+    "nnunet_losses_tools.evaluation",
+    "nnunet_losses_tools.report",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

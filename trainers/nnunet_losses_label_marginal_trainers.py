@@ -1,0 +1,31 @@
+"""Label-marginal trainers (Liu et al., "The hidden label-marginal biases of segmentation losses"):
+nnU-Net's cross-entropy plus λ times a penalty between ground-truth and predicted class proportions,
+in place of DC+CE.
+
+nnU-Net imports this module under its bare name from the folder in ``nnUNet_extTrainer``: only
+absolute imports work here.
+"""
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_losses import LabelMarginalLoss
+from nnunet_losses_tools.trainer_support import assemble_loss, loss_target_options
+
+
+class nnUNetTrainerCEL1(nnUNetTrainer):
+    """CE + λ·mean |ŷ - p̂| (λ = 1, the paper's tuned value), p̂ from softmax(τ·x). Labels (softmax,
+    CE) and regions (sigmoid, BCE)."""
+
+    penalty = "l1"
+    lam = 1.0
+    tau = 10.0
+
+    def _build_loss(self):
+        return assemble_loss(self, LabelMarginalLoss(self.penalty, self.lam, self.tau, **loss_target_options(self)))
+
+
+class nnUNetTrainerCEKL(nnUNetTrainerCEL1):
+    """CE + λ·KL(ŷ ‖ p̂) (λ = 0.1, the paper's tuned value). Labels and regions (Bernoulli KL per region)."""
+
+    penalty = "kl"
+    lam = 0.1

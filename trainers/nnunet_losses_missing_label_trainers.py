@@ -1,0 +1,44 @@
+"""Missing-label Dice trainers: marginal Dice (Shi et al.) and leaf Dice (Fidon et al.), as described
+in Tilborghs et al. §2.1, in place of nnU-Net's DC+CE.
+
+Until per-sample label sets are wired in, a class counts as annotated in an image iff it has voxels
+there (the losses' fallback; ``MissingLabelTrainer.call_missing_label_loss`` is where label sets go).
+
+nnU-Net imports this module under its bare name from the folder in ``nnUNet_extTrainer``: only
+absolute imports work here.
+"""
+
+from nnunet_losses import LeafDiceLoss, MarginalDiceLoss
+from nnunet_losses_tools.trainer_support import (
+    MissingLabelTrainer,
+    TrainerLossCall,
+    assemble_loss,
+    loss_target_options,
+    refuse_regions,
+)
+
+
+class nnUNetTrainerMarginalDice(MissingLabelTrainer):
+    """Marginal Dice: the probabilities of an image's missing classes are merged into its background
+    before an image-wise Dice. Labels (softmax) only."""
+
+    epsilon = 1e-7
+    include_background = True  # the merged background is where marginalisation acts
+
+    def _build_loss(self):
+        refuse_regions(self, "marginal Dice merges missing classes into the background channel, which region "
+                             "outputs do not have; use nnUNetTrainerLeafDice")
+        loss = MarginalDiceLoss(self.epsilon, self.include_background, **loss_target_options(self))
+        return assemble_loss(self, TrainerLossCall(loss, self.call_missing_label_loss))
+
+
+class nnUNetTrainerLeafDice(MissingLabelTrainer):
+    """Leaf Dice: the Dice terms of an image's missing classes (and its background, if any class is
+    missing) are dropped. Labels (softmax) and regions (sigmoid)."""
+
+    epsilon = 1e-7
+    include_background = False
+
+    def _build_loss(self):
+        loss = LeafDiceLoss(self.epsilon, self.include_background, **loss_target_options(self))
+        return assemble_loss(self, TrainerLossCall(loss, self.call_missing_label_loss))
