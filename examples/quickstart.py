@@ -143,7 +143,8 @@ def train(runner: Runner, dataset, trainer: str, args: argparse.Namespace) -> No
     if (fold / "checkpoint_final.pth").is_file() and (fold / "validation" / "summary.json").is_file():
         tqdm.write(f"Reusing the trained {trainer} in {fold}")
         return
-    command = ["nnUNetv2_train", str(dataset.dataset_id), "2d", "0", "-tr", trainer, "-device", args.device]
+    # --npz keeps the validation probabilities: the report's calibration and gradient plots need them
+    command = ["nnUNetv2_train", str(dataset.dataset_id), "2d", "0", "-tr", trainer, "-device", args.device, "--npz"]
     if fold.is_dir():  # an interrupted run: continue it instead of starting over
         command.append("--c")
     runner.run(f"train_{trainer}", command, training=True)
@@ -177,6 +178,16 @@ def evaluate(runner: Runner, dataset, predictions: Path) -> dict:
         num_processes=int(runner.environment["nnUNet_def_n_proc"]))
 
 
+def report(runner: Runner, dataset, trainers: Sequence[str]) -> Path:
+    """The comparison report (tables, training curves, calibration, gradient maps) of the trained models."""
+    from nnunet_losses_tools.report import write_report
+
+    folders = [runner.results / dataset.name / f"{trainer}__nnUNetPlans__2d" / "fold_0" for trainer in trainers]
+    out_dir = runner.work_dir / "report"
+    write_report(folders, out_dir, title=f"Quickstart: {dataset.name}", progress=False)
+    return out_dir
+
+
 def dice_table(metrics: Dict[str, dict], dataset) -> str:
     """Rows: trainers; columns: the mean Dice of each class over the held-out cases, and their mean."""
     dataset_json = json.loads((dataset.folder / "dataset.json").read_text())
@@ -199,6 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(f"Working in {runner.work_dir} ({args.device}): {len(trainers)} trainings of {args.epochs} epochs x "
           f"{args.iterations} iterations; logs in {runner.logs}")
     steps = ["dataset", "plan"] + [f"{kind} {t}" for t in trainers for kind in ("train", "predict", "evaluate")]
+    steps.append("report")
     metrics: Dict[str, dict] = {}
     with tqdm(total=len(steps), unit="step", dynamic_ncols=True) as progress:
         def step(description: str):
@@ -220,9 +232,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             step(f"evaluating {trainer}")
             metrics[trainer] = evaluate(runner, dataset, predictions)
             progress.update()
+        step("writing the comparison report")
+        report_dir = report(runner, dataset, trainers)
+        progress.update()
     print(f"\nDice on the {len(dataset.test_cases)} held-out cases (nnU-Net's compute_metrics_on_folder):\n")
     print(dice_table(metrics, dataset))
-    print(f"\nPer-case metrics: {runner.work_dir / 'predictions'}/<trainer>/summary.json")
+    print(f"\nComparison report (open in a browser): {report_dir / 'index.html'}")
+    print(f"Per-case metrics: {runner.work_dir / 'predictions'}/<trainer>/summary.json")
     return {"work_dir": runner.work_dir, "dataset": dataset, "trainers": trainers, "metrics": metrics}
 
 

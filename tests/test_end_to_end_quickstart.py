@@ -39,6 +39,13 @@ def test_quickstart_trains_predicts_and_prints_nnunet_dice_then_reuses_its_work(
         assert cells == [f"{value:.3f}" for value in expected]
     training_logs = {p: p.stat().st_mtime_ns for p in (tmp_path / "logs").glob("train_*.log")}
     assert len(training_logs) == 1
+    # it ends with the comparison report: an index page with the model's table and its plots
+    report = tmp_path / "report"
+    assert f"Comparison report (open in a browser): {report / 'index.html'}" in first.stdout
+    index = (report / "index.html").read_text()
+    assert "nnUNetTrainerCEKL_1ep_1it" in (report / "metrics.md").read_text()
+    pngs = sorted(p.name for p in report.glob("*.png"))
+    assert "curves.png" in pngs and all(name in index for name in pngs)
 
     second = quickstart(tmp_path, *TINY)
     assert second.returncode == 0, second.stderr[-3000:]
