@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nnunet_losses import estimate_epsilon
+from nnunet_losses_tools.label_sets import ANNOTATED_LABELS_KEY, AnnotatedTable
 
 # ----------------------------------------------------------------------------------------------
 # from one of our losses to the loss nnU-Net's training loop calls
@@ -148,13 +149,62 @@ def assemble_loss(trainer: nnUNetTrainer, loss: Union[nn.Module, Sequence[nn.Mod
 
 
 class MissingLabelTrainer(nnUNetTrainer):
-    """Base of the marginal and leaf Dice trainers: their loss call is :meth:`call_missing_label_loss`."""
+    """Base of the marginal and leaf Dice trainers: their loss call is :meth:`call_missing_label_loss`.
+
+    A partially labelled dataset (dataset.json ``"annotated_labels"``, see
+    :mod:`nnunet_losses_tools.label_sets`) has its label sets checked when training starts (an error
+    names the case) and turned into an :class:`AnnotatedTable`; every training and validation batch
+    then gets its ``(B, C)`` ``annotated`` table from nnU-Net's ``batch['keys']``, the same table at
+    every deep-supervision scale. nnU-Net's own ``train_step`` / ``validation_step`` run unchanged
+    (AMP, gradient clipping, the online pseudo-Dice). Without the key the loss gets ``annotated=None``:
+    its "class c annotated in sample b iff present" fallback.
+    """
+
+    annotated_table: Optional[AnnotatedTable] = None  # None: no label sets, the losses' fallback
+    batch_annotated: Optional[torch.Tensor] = None  # the current batch's table, set around each step
+
+    def on_train_start(self):
+        self.annotated_table = self._build_annotated_table()  # before the dataloaders start: fail fast
+        super().on_train_start()
+
+    def _build_annotated_table(self) -> Optional[AnnotatedTable]:
+        if ANNOTATED_LABELS_KEY not in self.dataset_json:
+            self.print_to_log_file(f"No '{ANNOTATED_LABELS_KEY}' in dataset.json: every class counts as annotated "
+                                   "in a sample iff present there (annotated iff present).")
+            return None
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+        folder = self.preprocessed_dataset_folder
+        identifiers = infer_dataset_class(folder).get_identifiers(folder)
+        table = AnnotatedTable(self.dataset_json, identifiers, self.label_manager.num_segmentation_heads,
+                               self.label_manager)
+        partial = int((~table(identifiers).all(dim=1)).sum())
+        self.print_to_log_file(f"Label sets from dataset.json '{ANNOTATED_LABELS_KEY}': {partial} of the "
+                               f"{len(identifiers)} training cases are partially annotated.")
+        return table
+
+    @contextlib.contextmanager
+    def _label_sets_of(self, batch: dict):
+        """Makes the batch's table available to :meth:`call_missing_label_loss` during one step."""
+        if self.annotated_table is not None:
+            self.batch_annotated = self.annotated_table(batch["keys"], self.device)
+        try:
+            yield
+        finally:
+            self.batch_annotated = None
+
+    def train_step(self, batch: dict) -> dict:
+        with self._label_sets_of(batch):
+            return super().train_step(batch)
+
+    def validation_step(self, batch: dict) -> dict:
+        with self._label_sets_of(batch):
+            return super().validation_step(batch)
 
     def call_missing_label_loss(self, loss: nn.Module, x: torch.Tensor, y: torch.Tensor,
                                 loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """One output scale's loss. ``annotated=None``: the loss's "class c annotated in sample b iff
-        present" fallback; the per-sample label sets of a partially labelled dataset go here."""
-        return loss(x, y, loss_mask=loss_mask, annotated=None)
+        """One output scale's loss with the current batch's label sets (None: the loss's fallback)."""
+        return loss(x, y, loss_mask=loss_mask, annotated=self.batch_annotated)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Missing-label Dice trainers: marginal Dice (Shi et al.) and leaf Dice (Fidon et al.), as described
 in Tilborghs et al. §2.1, in place of nnU-Net's DC+CE.
 
-Until per-sample label sets are wired in, a class counts as annotated in an image iff it has voxels
-there (the losses' fallback; ``MissingLabelTrainer.call_missing_label_loss`` is where label sets go).
+A partially labelled dataset's label sets (dataset.json "annotated_labels") are checked when training
+starts and reach the loss per sample, from nnU-Net's batch keys (``MissingLabelTrainer``); without
+them a class counts as annotated in an image iff it has voxels there (the losses' fallback).
 
 nnU-Net imports this module under its bare name from the folder in ``nnUNet_extTrainer``: only
 absolute imports work here.

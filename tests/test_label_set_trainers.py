@@ -1,0 +1,188 @@
+"""The missing-label trainers get each batch's label sets: nnUNetTrainerMarginalDice and
+nnUNetTrainerLeafDice turn nnU-Net's batch['keys'] into the (B, C) ``annotated`` table of their loss,
+in nnU-Net's own train_step and validation_step, at every deep-supervision scale; they check the
+dataset's label sets when training starts; without dataset.json "annotated_labels" they keep the
+losses' "annotated iff present" fallback."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+    extract_fingerprint_dataset,
+    plan_experiment_dataset,
+    preprocess_dataset,
+)
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_losses import leaf_dice_loss, marginal_dice_loss
+from nnunet_losses_tools.synthetic import write_synthetic_dataset
+from nnunet_losses_trainers import nnUNetTrainerLeafDice, nnUNetTrainerMarginalDice
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
+
+DATASET_ID = 943
+# labels: background 0, organ 1, lesion 2, vessel 3 (nnunet_losses_tools.synthetic.LABELS)
+LABEL_SETS = {"labelsets_001": ["organ"], "labelsets_003": [], "labelsets_004": ["vessel", 1]}
+# the (B, C) table of a batch, derived by hand: column 0 (background) always True, column c True iff c
+# is annotated in the case; a case not listed is fully annotated
+EXPECTED_ROWS = {
+    "labelsets_000": [True, True, True, True],
+    "labelsets_001": [True, True, False, False],
+    "labelsets_003": [True, False, False, False],
+    "labelsets_004": [True, True, False, True],
+}
+MISSING_LABEL_TRAINERS = {"marginal": (nnUNetTrainerMarginalDice, marginal_dice_loss),
+                          "leaf": (nnUNetTrainerLeafDice, leaf_dice_loss)}
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """A 5-case synthetic 2D dataset planned and preprocessed by nnU-Net's own API (no training)."""
+    root = tmp_path_factory.mktemp("nnunet")
+    paths = {name: root / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, path in paths.items():
+            path.mkdir()
+            patch.setenv(name, str(path))
+        dataset = write_synthetic_dataset(paths["nnUNet_raw"], DATASET_ID, "LabelSets", num_training=5, num_test=0,
+                                          size=32)
+        extract_fingerprint_dataset(DATASET_ID, num_processes=1, verbose=False, show_progress_bar=False)
+        plan_experiment_dataset(DATASET_ID)
+        preprocess_dataset(DATASET_ID, configurations=("2d",), num_processes=[1], show_progress_bar=False)
+    preprocessed = paths["nnUNet_preprocessed"] / dataset.name
+    return paths, json.loads((preprocessed / "nnUNetPlans.json").read_text()), \
+        json.loads((preprocessed / "dataset.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def nnunet_env(planned, monkeypatch):
+    paths, _, _ = planned
+    for name, path in paths.items():
+        monkeypatch.setenv(name, str(path))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    monkeypatch.delenv("nnUNet_compile", raising=False)
+    # the table is built before nnU-Net's own start (dataloaders, logging): that part is not under test
+    monkeypatch.setattr(nnUNetTrainer, "on_train_start", lambda self: None)
+
+
+class RecordingLoss(torch.nn.Module):
+    """Stands in for the trainer's loss module: records what it is called with, returns the real loss."""
+
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+        self.calls = []
+
+    def forward(self, x, y, loss_mask=None, annotated=None):
+        self.calls.append({"shape": tuple(x.shape[2:]), "annotated": annotated})
+        return self.function(x, y, loss_mask=loss_mask, annotated=annotated)
+
+
+def started_trainer(trainer_class, planned, tmp_path, label_sets=None):
+    """A trainer initialised on CPU (network, optimizer, loss) whose training has started."""
+    _, plans, dataset_json = planned
+    dataset_json = copy.deepcopy(dataset_json)
+    if label_sets is not None:
+        dataset_json["annotated_labels"] = label_sets
+    plans = copy.deepcopy(plans)
+    plans["continue_training"] = False  # what nnU-Net's run_training reads from the plans
+    trainer = trainer_class(plans, "2d", 0, dataset_json, torch.device("cpu"))
+    trainer.log_file = str(tmp_path / f"log_{id(trainer)}.txt")
+    trainer.initialize()
+    trainer.on_train_start()
+    return trainer
+
+
+def spy_on_loss(trainer, function) -> RecordingLoss:
+    """Replace the loss inside nnU-Net's deep-supervision wrapper and our TrainerLossCall by a recorder."""
+    recorder = RecordingLoss(function)
+    trainer.loss.loss.loss = recorder
+    return recorder
+
+
+def batch_of(trainer, keys, seed=0):
+    """An nnU-Net batch of 32x32 patches: data, one label map per deep-supervision scale, keys."""
+    generator = torch.Generator().manual_seed(seed)
+    scales = trainer._get_deep_supervision_scales()
+    data = torch.randn(len(keys), 1, 32, 32, generator=generator)
+    # label maps that fit the label sets: a class not annotated in a case has no voxels there
+    annotated = torch.tensor([EXPECTED_ROWS.get(key, [True] * 4) for key in keys])
+    targets = []
+    for scale in scales:
+        labels = torch.randint(0, 4, (len(keys), 1, *(int(32 * f) for f in scale)), generator=generator)
+        keep = torch.gather(annotated, 1, labels.flatten(1)).view_as(labels)
+        targets.append(torch.where(keep, labels, 0).float())
+    return {"data": data, "target": targets, "keys": keys}
+
+
+@pytest.mark.parametrize("kind", MISSING_LABEL_TRAINERS)
+@pytest.mark.parametrize("step", ["train_step", "validation_step"])
+def test_each_sample_gets_its_case_label_set_at_every_scale(planned, tmp_path, kind, step):
+    trainer_class, function = MISSING_LABEL_TRAINERS[kind]
+    trainer = started_trainer(trainer_class, planned, tmp_path, LABEL_SETS)
+    recorder = spy_on_loss(trainer, function)
+    keys = ["labelsets_003", "labelsets_000", "labelsets_004", "labelsets_001"]
+    batch = batch_of(trainer, keys)
+    if step == "validation_step":
+        trainer.network.eval()  # as nnU-Net's on_validation_epoch_start
+    result = getattr(trainer, step)(batch)
+
+    expected = torch.tensor([EXPECTED_ROWS[k] for k in keys])
+    used_scales = [w for w in trainer.loss.weight_factors if w != 0]  # nnU-Net skips 0-weight outputs
+    assert len(recorder.calls) == len(used_scales) >= 2
+    for call in recorder.calls:
+        assert call["annotated"].dtype == torch.bool
+        assert torch.equal(call["annotated"], expected)
+    # the step's loss is nnU-Net's weighted sum of the real loss with those label sets
+    with torch.no_grad():
+        trainer.network.eval()
+        outputs = trainer.network(batch["data"])
+    expected_loss = sum(w * function(x, y, annotated=expected)
+                        for w, x, y in zip(trainer.loss.weight_factors, outputs, batch["target"]) if w != 0)
+    if step == "validation_step":  # no optimizer step happened: the recorded value is reproducible
+        assert float(result["loss"]) == pytest.approx(float(expected_loss), rel=1e-5)
+        assert {"tp_hard", "fp_hard", "fn_hard"} <= set(result)  # nnU-Net's online pseudo-Dice is kept
+    else:
+        assert set(result) == {"loss"} and torch.isfinite(torch.as_tensor(result["loss"]))
+    assert trainer.batch_annotated is None  # nothing left over for a later call
+
+
+@pytest.mark.parametrize("kind", MISSING_LABEL_TRAINERS)
+def test_without_label_sets_the_loss_keeps_its_fallback(planned, tmp_path, kind):
+    trainer_class, function = MISSING_LABEL_TRAINERS[kind]
+    trainer = started_trainer(trainer_class, planned, tmp_path, label_sets=None)
+    assert trainer.annotated_table is None
+    recorder = spy_on_loss(trainer, function)
+    trainer.validation_step(batch_of(trainer, ["labelsets_003", "labelsets_001"]))
+    assert recorder.calls and all(call["annotated"] is None for call in recorder.calls)
+    assert "annotated iff present" in Path(trainer.log_file).read_text()
+
+
+@pytest.mark.parametrize("label_sets, message", [
+    ({"labelsets_009": []}, r"dataset.json 'annotated_labels': expected identifiers of the dataset's 5 training "
+                            r"cases, got unknown case 'labelsets_009'"),
+    ({"labelsets_002": ["tumour"]}, r"dataset.json 'annotated_labels' of case 'labelsets_002': expected a label name "
+                                    r".*got unknown label 'tumour'"),
+    ({"labelsets_002": ["background"]}, r"of case 'labelsets_002': expected a foreground label, got the background"),
+])
+@pytest.mark.parametrize("kind", MISSING_LABEL_TRAINERS)
+def test_bad_label_sets_stop_training_at_start_naming_the_case(planned, tmp_path, kind, label_sets, message):
+    with pytest.raises(ValueError, match=message):
+        started_trainer(MISSING_LABEL_TRAINERS[kind][0], planned, tmp_path, label_sets)
+
+
+def test_a_batch_key_outside_the_dataset_is_an_error(planned, tmp_path):
+    trainer = started_trainer(nnUNetTrainerLeafDice, planned, tmp_path, LABEL_SETS)
+    with pytest.raises(ValueError, match=r"keys: expected identifiers of the 5 cases .*, got unknown case 'other_001'"):
+        trainer.validation_step(batch_of(trainer, ["labelsets_000", "other_001"]))
+    assert trainer.batch_annotated is None
+
+
+def test_label_sets_are_logged_at_start(planned, tmp_path):
+    trainer = started_trainer(nnUNetTrainerMarginalDice, planned, tmp_path, LABEL_SETS)
+    assert "3 of the 5 training cases are partially annotated" in Path(trainer.log_file).read_text()

@@ -1,0 +1,263 @@
+"""The partial-label examples without their slow parts: the synthetic experiment's data generation and
+derivation on tiny sizes, its argument checks, and the real-data recipes' argument handling and
+preparation steps on fake download folders (the real data are not available here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_losses_tools import cli
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "partial_labels"
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"partial_labels_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+experiment = load_example("synthetic_experiment")
+recipes = load_example("recipes")
+
+
+def read(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+@pytest.fixture
+def raw(tmp_path, monkeypatch) -> Path:
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / name))
+    return tmp_path / "nnUNet_raw"
+
+
+# ----------------------------------------------------------------------------------------------
+# the synthetic experiment's data
+# ----------------------------------------------------------------------------------------------
+def test_groups_task_alternates_plain_and_striped_blobs_and_derives_empty_striped_maps(raw):
+    dataset, groups = experiment.write_task_dataset(raw, 960, "groups", num_training=10, num_test=2, size=32, seed=0)
+    assert dataset.training_cases == tuple(f"{('plain', 'striped')[i % 2]}_tr{i:03d}" for i in range(10))
+    assert dataset.test_cases == ("plain_ts000", "striped_ts001")
+    assert groups == {case: case.split("_")[0] for case in dataset.training_cases + dataset.test_cases}
+    for case in dataset.training_cases:
+        image, labels = read(dataset.folder / "imagesTr" / f"{case}_0000.nii.gz"), read(dataset.folder / "labelsTr" / f"{case}.nii.gz")
+        assert set(np.unique(labels)) == {0, 1}
+        background = image[labels == 0]
+        # blob +2 over the background; stripes (amplitude 1, mean 0) raise the background's spread from the
+        # noise's 0.35 to sqrt(0.35^2 + 1/2) = 0.79
+        assert image[labels == 1].mean() - background.mean() == pytest.approx(2.0, abs=0.4)
+        expected_std = 0.79 if case.startswith("striped") else 0.35
+        assert background.std() == pytest.approx(expected_std, abs=0.12)
+
+    assert cli.main(experiment.derive_command("groups", 960, 961, seed=0)[1:]) == 0
+    partial = experiment.existing_dataset(raw, 961)
+    dataset_json = json.loads((partial.folder / "dataset.json").read_text())
+    assert dataset_json["annotated_labels"] == {case: [] for case in dataset.training_cases if case.startswith("striped")}
+    for case in dataset.training_cases:
+        labels = read(partial.folder / "labelsTr" / f"{case}.nii.gz")
+        original = read(dataset.folder / "labelsTr" / f"{case}.nii.gz")
+        np.testing.assert_array_equal(labels, 0 * original if case.startswith("striped") else original)
+    # the held-out cases keep their full labels: they are what the experiment evaluates against
+    np.testing.assert_array_equal(read(partial.folder / "labelsTs" / "striped_ts001.nii.gz"),
+                                  read(dataset.folder / "labelsTs" / "striped_ts001.nii.gz"))
+
+
+def test_classes_task_has_a_ring_around_the_disc_and_derives_half_the_cases_without_it(raw):
+    dataset, groups = experiment.write_task_dataset(raw, 962, "classes", num_training=10, num_test=2, size=32, seed=1)
+    assert groups is None
+    for case in dataset.training_cases:
+        labels = read(dataset.folder / "labelsTr" / f"{case}.nii.gz")
+        assert set(np.unique(labels)) == {0, 1, 2, 3}
+        # the disc touches nothing but itself and the ring (4-neighbourhood)
+        disc = labels == 1
+        for shift in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+            assert set(np.unique(np.roll(labels, shift, axis=(0, 1))[disc])) <= {1, 2}
+    assert cli.main(experiment.derive_command("classes", 962, 963, seed=0)[1:]) == 0
+    partial = experiment.existing_dataset(raw, 963)
+    annotated = json.loads((partial.folder / "dataset.json").read_text())["annotated_labels"]
+    assert len(annotated) == 5 and set(annotated) <= set(dataset.training_cases)  # round(0.5 x 10) cases
+    assert all(labels == ["disc", "bar"] for labels in annotated.values())
+    for case in dataset.training_cases:
+        original = read(dataset.folder / "labelsTr" / f"{case}.nii.gz")
+        expected = np.where(original == 2, 0, original) if case in annotated else original
+        np.testing.assert_array_equal(read(partial.folder / "labelsTr" / f"{case}.nii.gz"), expected)
+
+
+def test_write_task_dataset_refuses_bad_sizes_and_existing_folders(raw):
+    with pytest.raises(ValueError, match=r"num_training: expected an even number >= 10 .*, got 9"):
+        experiment.write_task_dataset(raw, 960, "groups", num_training=9, num_test=2, size=32, seed=0)
+    with pytest.raises(ValueError, match=r"num_test: expected an even number >= 2 \(both halves\), got 3"):
+        experiment.write_task_dataset(raw, 960, "groups", num_training=10, num_test=3, size=32, seed=0)
+    with pytest.raises(ValueError, match=r"task: expected one of \('groups', 'classes'\), got 'other'"):
+        experiment.write_task_dataset(raw, 960, "other", num_training=10, num_test=2, size=32, seed=0)
+    experiment.write_task_dataset(raw, 960, "groups", num_training=10, num_test=2, size=32, seed=0)
+    with pytest.raises(FileExistsError, match=r"dataset: expected a new folder, got existing .*Dataset960_BlobGroups"):
+        experiment.write_task_dataset(raw, 960, "groups", num_training=10, num_test=2, size=32, seed=0)
+
+
+def test_same_seed_same_data(raw, tmp_path):
+    first, _ = experiment.write_task_dataset(raw, 960, "classes", num_training=10, num_test=2, size=32, seed=4)
+    second, _ = experiment.write_task_dataset(tmp_path, 960, "classes", num_training=10, num_test=2, size=32, seed=4)
+    for case in first.training_cases:
+        np.testing.assert_array_equal(read(first.folder / "imagesTr" / f"{case}_0000.nii.gz"),
+                                      read(second.folder / "imagesTr" / f"{case}_0000.nii.gz"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cases", "11"], "--cases: expected an even number >= 10, got 11"),
+    (["--test-cases", "0"], "--test-cases: expected an even number >= 2, got 0"),
+    (["--epochs", "0"], "--epochs: expected an int >= 1, got 0"),
+    (["--jobs", "0"], "--jobs: expected an int >= 1, got 0"),
+    (["--size", "16"], "--size: expected at least 32 pixels, got 16"),
+    (["--dataset-id", "998"], r"--dataset-id: expected an ID in \[1, 996\]"),
+])
+def test_experiment_arguments_are_checked(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.parse_args(argv + ["--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert message.replace("\\", "") in capsys.readouterr().err.replace("\\", "")
+
+
+def test_experiment_runs_per_task_put_the_full_reference_first(raw):
+    args = experiment.parse_args(["--device", "cpu", "--epochs", "2", "--iterations", "5"])
+    task = experiment.Task("classes", source="S", partial="P", groups=None, reported_classes=())
+    assert experiment.runs_of(task, args) == [
+        ("full", "S", "nnUNetTrainerDiceI_2ep_5it"), ("DiceI", "P", "nnUNetTrainerDiceI_2ep_5it"),
+        ("MarginalDice", "P", "nnUNetTrainerMarginalDice_2ep_5it"), ("LeafDice", "P", "nnUNetTrainerLeafDice_2ep_5it")]
+
+
+# ----------------------------------------------------------------------------------------------
+# the real-data recipes
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("recipe, option", [("acdc", "--acdc-folder"), ("brats", "--lgg-cases"),
+                                            ("label-marginal", "--msd-folder")])
+def test_every_recipe_has_a_help_naming_its_options(recipe, option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        recipes.parse_args([recipe, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for expected in (option, "--dry-run", "--folds", "--configuration", "--device"):
+        assert expected in text
+
+
+def fake_acdc(root: Path, frames: dict) -> Path:
+    for patient, (ed, es) in frames.items():
+        folder = root / "training" / patient
+        folder.mkdir(parents=True)
+        (folder / "Info.cfg").write_text(f"ED: {ed}\nES: {es}\nGroup: DCM\nHeight: 184.0\nNbFrame: 30\n")
+    (root / "testing").mkdir()
+    return root
+
+
+def test_acdc_frames_are_read_from_info_cfg_with_the_converters_case_names(tmp_path):
+    acdc = fake_acdc(tmp_path / "ACDC", {"patient001": (1, 12), "patient002": (1, 9)})
+    assert recipes.acdc_frames(acdc) == {"patient001_frame01": "ED", "patient001_frame12": "ES",
+                                         "patient002_frame01": "ED", "patient002_frame09": "ES"}
+    (acdc / "training" / "patient003").mkdir()
+    with pytest.raises(ValueError, match=r"expected .*patient003/Info.cfg \(ACDC's per-patient info"):
+        recipes.acdc_frames(acdc)
+    with pytest.raises(ValueError, match=r"--acdc-folder: expected the extracted ACDC download with a 'training' folder"):
+        recipes.acdc_frames(tmp_path / "nowhere")
+
+
+def test_acdc_dry_run_prints_every_command_and_writes_nothing(raw, tmp_path, capsys):
+    acdc = fake_acdc(tmp_path / "ACDC", {"patient001": (1, 12), "patient002": (1, 9)})
+    work = tmp_path / "work"
+    steps = recipes.main(["acdc", "--acdc-folder", str(acdc), "--dry-run", "--work-dir", str(work), "--folds", "0"])
+    out = capsys.readouterr().out
+    assert "nnunetv2.dataset_conversion.Dataset027_ACDC -i" in out
+    assert f"nnunet-losses derive-partial 27 --target-id 527 --target-name ACDC_noMyoES --remove-labels MLV " \
+           f"--cases-file {work / 'acdc_es_frames.txt'}" in out
+    assert "write the 2 end-systolic frames" in out
+    trained = [s.command[5] for s in steps if s.command and s.command[0] == "nnUNetv2_train"]
+    assert trained == ["nnUNetTrainerDiceI", "nnUNetTrainerDiceBI", "nnUNetTrainerDiceIEps",
+                       "nnUNetTrainerMarginalDice", "nnUNetTrainerLeafDice", "nnUNetTrainerDiceI"]
+    evaluated = [s.command for s in steps if s.command and s.command[:2] == ["nnunet-losses", "evaluate"]]
+    assert len(evaluated) == 6 and all("--positive" in c and c[-1] == "ED" for c in evaluated)
+    assert all(str(raw / "Dataset027_ACDC" / "labelsTr") in c for c in evaluated)  # the FULL labels
+    assert not work.exists() and not list(raw.iterdir())
+
+
+def test_acdc_preparation_writes_the_es_list_and_groups(tmp_path, raw):
+    acdc = fake_acdc(tmp_path / "ACDC", {"patient001": (1, 12), "patient002": (1, 9)})
+    work = tmp_path / "work"
+    args = recipes.parse_args(["acdc", "--acdc-folder", str(acdc), "--work-dir", str(work)])
+    for step in recipes.acdc_recipe(args):
+        if step.action is not None:
+            step.action()
+    assert (work / "acdc_es_frames.txt").read_text() == "patient001_frame12\npatient002_frame09\n"
+    assert json.loads((work / "acdc_groups.json").read_text())["patient002_frame01"] == "ED"
+
+
+def fake_msd(root: Path, name: str, cases) -> Path:
+    (root / name / "imagesTr").mkdir(parents=True)
+    (root / name / "dataset.json").write_text("{}")
+    for case in cases:
+        (root / name / "imagesTr" / f"{case}.nii.gz").write_bytes(b"")
+    return root / name
+
+
+def test_brats_checks_the_lgg_list_against_the_task_and_prints_its_commands(tmp_path, raw, capsys):
+    task = fake_msd(tmp_path, "Task01_BrainTumour", ["BRATS_001", "BRATS_002", "BRATS_003"])
+    lgg = tmp_path / "lgg.txt"
+    lgg.write_text("# low grade\nBRATS_002\nBRATS_004\n")
+    with pytest.raises(SystemExit, match=r"--lgg-cases: expected case identifiers of Task01_BrainTumour/imagesTr "
+                                         r"\(e.g. BRATS_001\), got unknown BRATS_004"):
+        recipes.main(["brats", "--msd-folder", str(task), "--lgg-cases", str(lgg), "--dry-run"])
+    lgg.write_text("BRATS_002\n")
+    recipes.main(["brats", "--msd-folder", str(task), "--lgg-cases", str(lgg), "--dry-run", "--folds", "0",
+                  "--work-dir", str(tmp_path / "work")])
+    out = capsys.readouterr().out
+    assert f"nnUNetv2_convert_MSD_dataset -i {task} -overwrite_id 501" in out
+    assert f"--empty --cases-file {tmp_path / 'work' / 'brats_lgg_cases.txt'}" in out
+    assert "--positive HGG" in out
+
+
+def test_whole_tumour_makes_the_msd_labels_one_sigmoid_region(tmp_path):
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"labels": {"background": 0, "edema": 1, "non-enhancing tumor": 2,
+                                           "enhancing tumour": 3}, "file_ending": ".nii.gz"}))
+    recipes.whole_tumour(path)
+    written = json.loads(path.read_text())
+    assert written["labels"] == {"background": 0, "whole tumour": [1, 2, 3]}
+    assert written["regions_class_order"] == [3]
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    manager = LabelManager(written["labels"], written["regions_class_order"])
+    assert manager.has_regions and manager.num_segmentation_heads == 1
+
+
+def test_label_marginal_recipe_trains_nnunets_ce_and_our_two_penalties(tmp_path, raw, capsys):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    with pytest.raises(SystemExit, match=r"--msd-folder: expected a Decathlon task folder such as Task07_Pancreas"):
+        recipes.main(["label-marginal", "--msd-folder", str(tmp_path / "Pancreas"), "--dry-run"])
+    task = fake_msd(tmp_path, "Task07_Pancreas", ["pancreas_001"])
+    steps = recipes.main(["label-marginal", "--msd-folder", str(task), "--dry-run", "--folds", "0", "1"])
+    out = capsys.readouterr().out
+    assert f"nnUNetv2_convert_MSD_dataset -i {task} -overwrite_id 7" in out
+    trained = [(s.command[3], s.command[5]) for s in steps if s.command and s.command[0] == "nnUNetv2_train"]
+    assert trained == [(f, t) for f in ("0", "1") for t in ("nnUNetTrainerCELoss", "nnUNetTrainerCEL1",
+                                                               "nnUNetTrainerCEKL")]
+    # the CE-only baseline is nnU-Net's own trainer
+    assert recursive_find_trainer_class_by_name("nnUNetTrainerCELoss").__module__.startswith("nnunetv2.")
+    report = next(s.command for s in steps if s.command and s.command[:2] == ["nnunet-losses", "report"])
+    assert report[2].endswith("Dataset007_Pancreas/nnUNetTrainerCELoss__nnUNetPlans__3d_fullres")
+
+
+def test_recipes_need_the_nnunet_folders(tmp_path, monkeypatch):
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)
+    acdc = fake_acdc(tmp_path / "ACDC", {"patient001": (1, 12)})
+    with pytest.raises(SystemExit, match=r"nnUNet_preprocessed: expected the nnU-Net environment variable to be set"):
+        recipes.main(["acdc", "--acdc-folder", str(acdc), "--dry-run"])
