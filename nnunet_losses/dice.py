@@ -103,8 +103,9 @@ def _phi_dice(x, y, loss_mask, phi, eps, include_background, activation, ddp, ig
     return 1 - soft_dice(*stats, eps).mean()
 
 
-class PhiDiceLoss(nn.Module):
-    """Module form of :func:`phi_dice_loss`; ``epsilon`` (scalar or per class) is a buffer, so a
+class PhiOptionsModule(nn.Module):
+    """Stores and checks the options shared by the Φ losses (:class:`PhiDiceLoss`,
+    :class:`~nnunet_losses.DynamicMimeLoss`); ``epsilon`` (scalar or per class) is a buffer, so a
     trainer can overwrite it in place (heuristic ε) and it follows ``.to(device)`` and ``state_dict``."""
 
     def __init__(self, phi: str = "I", epsilon: ClassValues = 1e-7, include_background: bool = False,
@@ -118,14 +119,18 @@ class PhiDiceLoss(nn.Module):
         self.ddp = ddp
         self.ignore_label = check_ignore_label(ignore_label)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return _phi_dice(x, y, loss_mask, self.phi, self.epsilon, self.include_background, self.activation, self.ddp,
-                         self.ignore_label)
-
     def extra_repr(self) -> str:
         eps = self.epsilon.tolist()
         return (f"phi={self.phi!r}, epsilon={eps}, include_background={self.include_background}, "
                 f"activation={self.activation!r}")
+
+
+class PhiDiceLoss(PhiOptionsModule):
+    """Module form of :func:`phi_dice_loss`."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _phi_dice(x, y, loss_mask, self.phi, self.epsilon, self.include_background, self.activation, self.ddp,
+                         self.ignore_label)
 
 
 def estimate_epsilon(targets: Iterable, num_classes: int, ignore_label: Optional[int] = None) -> torch.Tensor:

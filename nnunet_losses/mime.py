@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .dice import PhiOptionsModule, _check_phi_options
 from ._utils import (
     ACTIVATIONS,
     ClassValues,
@@ -188,8 +189,6 @@ def dynamic_mime_loss(
         >>> dynamic_mime_loss(x, y, epsilon=0.0)
         tensor(-0.2500)
     """
-    from .dice import _check_phi_options  # one place checks Φ/ε combinations
-
     _check_phi_options(phi, include_background, activation, class_values("epsilon", epsilon), ddp)
     prepared = prepare(x, y, loss_mask, activation, ignore_label)
     intersection, prediction, ground_truth = overlap_stats(x, prepared, activation)
@@ -267,25 +266,14 @@ class NegativeMimeLoss(nn.Module):
         return f"include_background={self.include_background}, reduction={self.reduction!r}"
 
 
-class DynamicMimeLoss(nn.Module):
+class DynamicMimeLoss(PhiOptionsModule):
     """Module form of :func:`dynamic_mime_loss`."""
 
     def __init__(self, phi: str = "I", include_background: bool = False, activation: str = "softmax",
                  epsilon: ClassValues = 1e-7, ddp: Optional[bool] = None, ignore_label: Optional[int] = None):
-        super().__init__()
-        from .dice import _check_phi_options
-
-        self.register_buffer("epsilon", class_values("epsilon", epsilon))
-        _check_phi_options(phi, include_background, activation, self.epsilon, ddp)
-        self.phi = phi
-        self.include_background = include_background
-        self.activation = activation
-        self.ddp = ddp
-        self.ignore_label = check_ignore_label(ignore_label)
+        super().__init__(phi=phi, epsilon=epsilon, include_background=include_background, activation=activation,
+                         ddp=ddp, ignore_label=ignore_label)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return dynamic_mime_loss(x, y, loss_mask, self.phi, self.include_background, self.activation, self.epsilon,
                                  self.ddp, self.ignore_label)
-
-    def extra_repr(self) -> str:
-        return f"phi={self.phi!r}, include_background={self.include_background}, activation={self.activation!r}"
