@@ -1,0 +1,90 @@
+"""What both benchmark scripts share: a description of the machine, medians and markdown tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+from typing import Optional, Sequence
+
+
+def cpu_model() -> str:
+    """The CPU model as ``lscpu`` names it (``/proc/cpuinfo`` or ``platform`` where lscpu is missing)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_average() -> Optional[list[float]]:
+    """1, 5 and 15 minute load averages (what ``uptime`` prints); None where the OS has none."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info(device: str) -> dict:
+    """The facts a reader needs to compare timings: CPU/GPU model, cores, load and library versions."""
+    import torch
+
+    info = {
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average": load_average(),
+    }
+    try:
+        from importlib.metadata import version
+
+        info["nnunetv2"] = version("nnunetv2")
+    except Exception:  # metadata missing in odd installs: the benchmark still runs
+        info["nnunetv2"] = None
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def describe_machine(info: dict) -> str:
+    """One line for the console and the README."""
+    text = f"{info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads)"
+    if info.get("gpu"):
+        text += f", GPU {info['gpu']}"
+    text += f", torch {info['torch']}, nnunetv2 {info.get('nnunetv2')}"
+    if info.get("load_average"):
+        text += ", load average " + " / ".join(f"{v:.2f}" for v in info["load_average"])
+    return text
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str, report: dict) -> None:
+    """Write ``report`` atomically (a temporary file renamed), so an interrupted run never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = path + ".tmp"
+    with open(temporary, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(temporary, path)
