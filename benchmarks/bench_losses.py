@@ -500,7 +500,7 @@ def summarise(setting: Setting, rows: Sequence[Row]) -> dict:
 def format_summary(summary: dict, compile: bool) -> str:
     header = ["loss", "ms", "spread", "x default", "x copy", "extra peak MiB", "mem x default", "target"]
     if compile:
-        header += ["compiled ms", "compiled / eager", "graph breaks", "compiled value+grad"]
+        header += ["compiled ms", "compiled / eager", "compiled extra peak MiB", "graph breaks", "compiled value+grad"]
     rows = []
     for e in summary["results"]:
         if e["error"]:
@@ -514,13 +514,14 @@ def format_summary(summary: dict, compile: bool) -> str:
                _describe_targets(e["targets"])]
         if compile:
             if "compiled_median_ms" not in e:
-                row += ["-"] * 4
+                row += ["-"] * 5
             elif e["compiled_error"]:
-                row += [f"BROKEN: {e['compiled_error']}"] + ["-"] * 3
+                row += [f"BROKEN: {e['compiled_error']}"] + ["-"] * 4
             else:
                 slower = e["compiled_vs_eager"] is not None and e["compiled_vs_eager"] > 1.0
+                peak = e["compiled_extra_peak_mib"]
                 row += [f"{e['compiled_median_ms']:.1f}", _fmt_ratio(e["compiled_vs_eager"]) + (" SLOWER" if slower else ""),
-                        str(e["compiled_graph_breaks"]), e["compiled_check"] or "-"]
+                        "-" if peak is None else f"{peak:.1f}", str(e["compiled_graph_breaks"]), e["compiled_check"] or "-"]
         rows.append(row)
     title = (f"### {tuple(summary['shape'])} {summary['dtype']} on {summary['device']} "
              f"(logits {summary['logits_mib']:.1f} MiB; nnU-Net default with batch_dice={summary['nnunet_batch_dice']})")
