@@ -189,12 +189,18 @@ def dynamic_mime_loss(
         >>> dynamic_mime_loss(x, y, epsilon=0.0)
         tensor(-0.2500)
     """
-    _check_phi_options(phi, include_background, activation, class_values("epsilon", epsilon), ddp)
+    eps = class_values("epsilon", epsilon)
+    _check_phi_options(phi, include_background, activation, eps, ddp)
+    return _dynamic_mime(x, y, loss_mask, phi, eps, include_background, activation, ddp, ignore_label)
+
+
+def _dynamic_mime(x, y, loss_mask, phi, eps, include_background, activation, ddp, ignore_label):
+    # options already checked (by dynamic_mime_loss or the module's __init__): no host copy per call
     prepared = prepare(x, y, loss_mask, activation, ignore_label)
     intersection, prediction, ground_truth = overlap_stats(x, prepared, activation)
     first = 1 if (activation == "softmax" and not include_background) else 0
     intersection, prediction, ground_truth = intersection[:, first:], prediction[:, first:], ground_truth[:, first:]
-    eps = per_class("epsilon", class_values("epsilon", epsilon), x.shape[1], intersection)[first:]
+    eps = per_class("epsilon", eps, x.shape[1], intersection)[first:]
     gather = phi in ("BI", "BCI") and ddp_active(ddp)
     with torch.no_grad():
         stats = reduce_phi((intersection.detach(), prediction.detach(), ground_truth), phi,
@@ -275,5 +281,5 @@ class DynamicMimeLoss(PhiOptionsModule):
                          ddp=ddp, ignore_label=ignore_label)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return dynamic_mime_loss(x, y, loss_mask, self.phi, self.include_background, self.activation, self.epsilon,
-                                 self.ddp, self.ignore_label)
+        return _dynamic_mime(x, y, loss_mask, self.phi, self.epsilon, self.include_background, self.activation,
+                             self.ddp, self.ignore_label)
