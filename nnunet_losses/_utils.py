@@ -247,8 +247,9 @@ def prepare(
 
 def probabilities(x: torch.Tensor, activation: str, dtype: torch.dtype) -> torch.Tensor:
     """softmax over channels or sigmoid per channel, in float32 (float64 stays float64)."""
-    x = x.to(dtype)
-    return torch.softmax(x, 1) if activation == "softmax" else torch.sigmoid(x)
+    if activation == "softmax":
+        return torch.softmax(x, 1, dtype=dtype)  # converts on the fly: no float32 copy of half logits
+    return torch.sigmoid(x) if x.dtype == dtype else x.to(dtype).sigmoid_()
 
 
 def check_annotated(annotated: object, batch: int, num_channels: int, device: torch.device) -> Optional[torch.Tensor]:
@@ -282,9 +283,14 @@ class _OverlapSums(torch.autograd.Function):
     ``R = Σ_i m y_0 s`` (each channel's probability summed over the background voxels). Every loss of
     the package is a function of these (B, C) tables, so one Function serves them all: the forward
     never builds a one-hot map for label-map targets (the intersection is a gather + scatter-add),
-    and the backward keeps nothing but the logits, recomputing the probabilities once:
+    and the backward writes the gradient into the probability tensor itself:
     with :math:`g_{c,i} = m_i (g^P_c + g^I_c y_{c,i} + g^R_c y_{0,i})`,
     softmax: :math:`∂/∂x_c = s_c (g_c - Σ_k g_k s_k)`; sigmoid: :math:`∂/∂x_c = g_c s_c (1 - s_c)`.
+
+    The forward's probabilities are handed to the backward (when the logits need a gradient), which
+    consumes them in place: one logits-sized tensor lives from the forward to the end of the
+    backward, and the softmax runs once. A second backward through the same graph
+    (``retain_graph=True``) finds them consumed and recomputes them from the saved logits.
     """
 
     @staticmethod
@@ -304,22 +310,23 @@ class _OverlapSums(torch.autograd.Function):
             flat_labels = labels.flatten(1)
             at_label = probs.gather(1, flat_labels.unsqueeze(1)).squeeze(1)
             if weights is not None:
-                at_label = at_label * weights
+                at_label.mul_(weights)
             intersection = torch.zeros_like(prediction).scatter_add_(1, flat_labels, at_label)
+            del at_label
             if background_row:
-                on_background = (flat_labels == 0).to(dtype)
-                if weights is not None:
-                    on_background = on_background * weights
-                row = torch.einsum("bcn,bn->bc", probs, on_background)
+                row = torch.einsum("bcn,bn->bc", probs, _background_weights(flat_labels, weights, dtype))
         else:
             flat_target = target.flatten(2).to(dtype)
             overlap = probs * flat_target
             intersection = overlap.sum(-1) if weights is None else torch.einsum("bcn,bn->bc", overlap, weights)
+            del overlap
             if background_row:
                 on_background = flat_target[:, 0] if weights is None else flat_target[:, 0] * weights
                 row = torch.einsum("bcn,bn->bc", probs, on_background)
         ctx.save_for_backward(x, labels, target, mask)
         ctx.softmax = softmax
+        # not saved with save_for_backward: the backward overwrites it (see the class docstring)
+        ctx.probs = probs if ctx.needs_input_grad[0] else None
         return intersection, prediction, row
 
     @staticmethod
@@ -331,39 +338,57 @@ class _OverlapSums(torch.autograd.Function):
     def _backward(ctx, grad_intersection, grad_prediction, grad_row):
         x, labels, target, mask = ctx.saved_tensors
         dtype = compute_dtype(x)
-        probs = probabilities(x, "softmax" if ctx.softmax else "sigmoid", dtype).flatten(2)  # (B, C, N)
+        probs, ctx.probs = ctx.probs, None  # consumed: a second backward recomputes them
+        if probs is None:
+            probs = probabilities(x, "softmax" if ctx.softmax else "sigmoid", dtype).flatten(2)  # (B, C, N)
         zeros = probs.new_zeros(probs.shape[:2])
-        g_int = (zeros if grad_intersection is None else grad_intersection.to(dtype)).unsqueeze(-1)
-        g_pred = (zeros if grad_prediction is None else grad_prediction.to(dtype)).unsqueeze(-1)
+        g_int = zeros if grad_intersection is None else grad_intersection.to(dtype)  # (B, C)
+        g_pred = zeros if grad_prediction is None else grad_prediction.to(dtype)
+        weights = None if mask is None else mask.flatten(1).to(dtype)  # (B, N)
         if labels is not None:  # softmax only: sigmoid always has a region target
-            # ∂/∂x_c = s_c (g^P_c + g^R_c y_0 - Σ_k g_k s_k) + [c = l] s_l g^I_l, written into the fresh
-            # probability tensor channel by channel: no second full-size tensor is ever allocated
-            flat_labels = labels.flatten(1).unsqueeze(1)  # (B, 1, N)
-            g_at_label = g_int.expand(-1, -1, probs.shape[-1]).gather(1, flat_labels)  # g^I at the own label
-            at_label = probs.gather(1, flat_labels).mul_(g_at_label)  # s_l g^I_l
-            mean = torch.einsum("bcn,bc->bn", probs, g_pred[..., 0]).unsqueeze(1).add_(at_label)  # Σ_k g_k s_k
+            # ∂/∂x_c = s_c (g^P_c + g^R_c y_0 - Σ_k g_k s_k) + [c = l] s_l g^I_l, written into the
+            # probability tensor channel by channel; besides it, only (B, N) tensors are allocated
+            flat_labels = labels.flatten(1)  # (B, N)
+            at_label = probs.gather(1, flat_labels.unsqueeze(1)).squeeze(1)
+            at_label.mul_(g_int.gather(1, flat_labels))  # s_l g^I_l
+            mean = torch.einsum("bcn,bc->bn", probs, g_pred).add_(at_label)  # Σ_k g_k s_k
             on_background = None
             if grad_row is not None:
-                on_background = (flat_labels == 0).to(dtype)
-                mean.addcmul_(on_background, torch.einsum("bcn,bc->bn", probs, grad_row.to(dtype)).unsqueeze(1))
+                g_row = grad_row.to(dtype)
+                on_background = _background_weights(flat_labels, None, dtype)
+                mean.addcmul_(on_background, torch.einsum("bcn,bc->bn", probs, g_row))
+            factor = torch.empty_like(mean)  # one buffer for every channel
             for channel in range(probs.shape[1]):
-                factor = g_pred[:, channel] - mean[:, 0]  # (B, 1) - (B, N)
+                torch.sub(g_pred[:, channel:channel + 1], mean, out=factor)
                 if on_background is not None:
-                    factor.addcmul_(on_background[:, 0], grad_row[:, channel:channel + 1].to(dtype))
+                    factor.addcmul_(on_background, g_row[:, channel:channel + 1])
                 probs[:, channel].mul_(factor)
-            grad = probs.scatter_add_(1, flat_labels, at_label)
+            del mean, factor, on_background
+            grad = probs.scatter_add_(1, flat_labels.unsqueeze(1), at_label.unsqueeze(1))
         else:
+            # one-hot / region targets: g itself is the one other logits-sized tensor
             flat_target = target.flatten(2).to(dtype)
-            g = g_pred + g_int * flat_target
+            g = (flat_target * g_int.unsqueeze(-1)).add_(g_pred.unsqueeze(-1))
             if grad_row is not None:
-                g = g + grad_row.to(dtype).unsqueeze(-1) * flat_target[:, :1]
+                g.addcmul_(flat_target[:, :1], grad_row.to(dtype).unsqueeze(-1))
             if ctx.softmax:
-                grad = probs * (g - (g * probs).sum(1, keepdim=True))
+                mean = torch.zeros_like(g[:, 0])  # Σ_k g_k s_k, (B, N)
+                for channel in range(probs.shape[1]):
+                    mean.addcmul_(g[:, channel], probs[:, channel])
+                grad = probs.mul_(g.sub_(mean.unsqueeze(1)))
             else:
-                grad = g * probs * (1 - probs)
-        if mask is not None:
-            grad.mul_(mask.flatten(1).to(dtype).unsqueeze(1))
+                g.mul_(probs)
+                grad = probs.neg_().add_(1).mul_(g)  # g s (1 - s)
+            del g
+        if weights is not None:
+            grad.mul_(weights.unsqueeze(1))
         return grad.view(x.shape).to(x.dtype), None, None, None, None, None
+
+
+def _background_weights(flat_labels: torch.Tensor, weights: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``m·[y = 0]`` per voxel, ``(B, N)``: the weights of marginal Dice's background row."""
+    on_background = (flat_labels == 0).to(dtype)
+    return on_background if weights is None else on_background.mul_(weights)
 
 
 @torch.no_grad()

@@ -1,0 +1,114 @@
+"""The fused overlap-sums Function hands its forward's probabilities to the backward, which writes the
+gradient into them. These tests pin down what that must never change: the gradient of a second
+backward through the same graph, what is kept (and only when a gradient is wanted), and the
+gradient of every target form against plain autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nnunet_losses import MarginalDiceLoss, MimeLoss, PhiDiceLoss
+from nnunet_losses._utils import overlap_stats, prepare
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
+
+TARGET_FORMS = [  # (activation, target attribute of the Case)
+    ("softmax", "labels"),
+    ("softmax", "one_hot"),
+    ("sigmoid", "regions"),
+]
+
+
+def overlap_node(loss: torch.Tensor):
+    """The autograd node of ``_OverlapSums`` in the graph of ``loss`` (the node is its ctx)."""
+    pending, seen = [loss.grad_fn], set()
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == "_OverlapSumsBackward":
+            return node
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    raise AssertionError("no _OverlapSums node in the graph")
+
+
+def weighted_sums(x, target, mask, activation, background_row=False):
+    """A scalar with distinct weights on every (b, c) sum, so that every output gets a gradient."""
+    prepared = prepare(x, target, mask, activation, None)
+    stats = overlap_stats(x, prepared, activation, background_row=background_row)
+    weights = torch.arange(1.0, 1.0 + stats[0].numel(), dtype=x.dtype).view_as(stats[0])
+    total = (weights * stats[0]).sum() - (weights.flip(0) * stats[1]).sum() / 3
+    if background_row:
+        total = total + (weights.sqrt() * stats[3]).sum()
+    return total
+
+
+def plain_autograd_sums(x, target, mask, activation, background_row=False):
+    """The same scalar with the one-hot target and plain autograd: the reference."""
+    s = torch.softmax(x, 1) if activation == "softmax" else torch.sigmoid(x)
+    m = torch.ones_like(x[:, :1]) if mask is None else mask
+    intersection = (m * target * s).flatten(2).sum(-1)
+    prediction = (m * s).flatten(2).sum(-1)
+    weights = torch.arange(1.0, 1.0 + intersection.numel(), dtype=x.dtype).view_as(intersection)
+    total = (weights * intersection).sum() - (weights.flip(0) * prediction).sum() / 3
+    if background_row:
+        row = (m * target[:, :1] * s).flatten(2).sum(-1)
+        total = total + (weights.sqrt() * row).sum()
+    return total
+
+
+def case_target(case, form: str) -> torch.Tensor:
+    return getattr(case, form)
+
+
+# the background row (marginal Dice) exists for softmax only: overlap_stats refuses it for sigmoid
+WITH_ROW = [(activation, form, row) for activation, form in TARGET_FORMS
+            for row in ((False, True) if activation == "softmax" else (False,))]
+
+
+@pytest.mark.parametrize("activation,form,background_row", WITH_ROW)
+@pytest.mark.parametrize("mask", [False, True])
+def test_gradient_equals_plain_autograd(make_case, activation, form, mask, background_row):
+    case = make_case(spatial=(3, 4, 5), channels=4, mask=mask)
+    target = case_target(case, form)
+    reference_target = case.one_hot if form == "labels" else target
+    x = case.x.clone().requires_grad_(True)
+    x_ref = case.x.clone().requires_grad_(True)
+    value = weighted_sums(x, target, case.mask, activation, background_row)
+    reference = plain_autograd_sums(x_ref, reference_target, case.mask, activation, background_row)
+    torch.testing.assert_close(value, reference, rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(value, x)
+    (grad_ref,) = torch.autograd.grad(reference, x_ref)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation,form", TARGET_FORMS)
+def test_second_backward_recomputes_the_consumed_probabilities(make_case, activation, form):
+    case = make_case(spatial=(4, 5), channels=3, mask=True)
+    x = case.x.clone().requires_grad_(True)
+    value = weighted_sums(x, case_target(case, form), case.mask, activation)
+    (first,) = torch.autograd.grad(value, x, retain_graph=True)
+    (second,) = torch.autograd.grad(value, x)
+    assert first.abs().sum() > 0
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+def test_probabilities_are_kept_until_the_backward_consumes_them(make_case):
+    case = make_case(spatial=(4, 5), batch=2, channels=3)
+    x = case.x.clone().requires_grad_(True)
+    loss = PhiDiceLoss("I")(x, case.labels)
+    node = overlap_node(loss)
+    assert node.probs.shape == (2, 3, 20)
+    torch.testing.assert_close(node.probs, torch.softmax(case.x, 1).flatten(2))
+    loss.backward()
+    assert node.probs is None
+
+
+def test_nothing_is_kept_without_a_gradient(make_case):
+    case = make_case(spatial=(4, 5), channels=3)
+    loss = MimeLoss()(case.x, case.labels)  # logits without requires_grad: validation, inference
+    assert loss.grad_fn is None
+    with torch.no_grad():
+        assert MarginalDiceLoss()(case.x.clone().requires_grad_(True), case.labels).grad_fn is None
