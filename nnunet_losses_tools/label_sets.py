@@ -13,17 +13,21 @@ region is annotated iff all of its labels are.
 Trainers call :func:`validate_annotated_labels` at training start and build one
 :class:`AnnotatedTable`, which turns a batch's case identifiers (``batch['keys']``) into the
 ``(B, C)`` ``annotated`` table of :class:`nnunet_losses.MarginalDiceLoss` and
-:class:`nnunet_losses.LeafDiceLoss`.
+:class:`nnunet_losses.LeafDiceLoss`. Before training they also compare the label sets with the label
+maps (:func:`check_label_maps`): a label with voxels in a case whose set calls it not annotated is a
+contradiction the losses would only meet mid-training.
 """
 
 from __future__ import annotations
 
 import difflib
 import numbers
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
+from tqdm import tqdm
 
 ANNOTATED_LABELS_KEY = "annotated_labels"
 
@@ -179,6 +183,7 @@ class AnnotatedTable:
             rows[self._index[case]] = torch.tensor([column <= known for column in columns])
         self._rows = rows
         self.fully_annotated = bool(rows.all())
+        self.label_sets = label_sets  # case -> annotated label values, as validate_annotated_labels gives
 
     @property
     def num_channels(self) -> int:
@@ -197,3 +202,106 @@ class AnnotatedTable:
             ) from None
         table = self._rows[indices]
         return table if device is None else table.to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# label sets against label maps
+# ---------------------------------------------------------------------------------------------
+MAX_VOXELS_PER_READ = 2**22  # a slab of this many voxels at a time keeps the scan's memory small
+MAX_CASES_IN_MESSAGE = 20
+
+
+def _values_in(block: np.ndarray) -> set[int]:
+    """The distinct values of an array: a bincount over the (unsigned view of) 8/16-bit integers, the
+    segmentation dtypes nnU-Net saves (int8 with -1 outside the nonzero mask), ``np.unique`` otherwise."""
+    block = np.ascontiguousarray(block).reshape(-1)
+    if block.dtype.kind in "iu" and block.dtype.itemsize <= 2:
+        bits = 8 * block.dtype.itemsize
+        values = np.flatnonzero(np.bincount(block.view(f"u{block.dtype.itemsize}"), minlength=1))
+        if block.dtype.kind == "i":  # two's complement: the upper half of the unsigned view is negative
+            values = np.where(values >= 2 ** (bits - 1), values - 2**bits, values)
+        return {int(v) for v in values}
+    return {int(v) for v in np.unique(block)}
+
+
+def labels_in(label_map) -> frozenset[int]:
+    """The values in a label map: a numpy array or the array nnU-Net's dataset classes load (``np.memmap``,
+    ``blosc2.NDArray``), ``(1, *spatial)`` as preprocessed (``(1, 1, x, y)`` for 2D). Read in slabs of the
+    first spatial axis longer than 1, so a large case is never decompressed whole."""
+    shape = tuple(label_map.shape)
+    if len(shape) < 2:
+        return frozenset(_values_in(np.asarray(label_map[:])))
+    axis = next((a for a in range(1, len(shape)) if shape[a] > 1), 1)
+    per_index = int(np.prod(shape)) // max(shape[axis], 1)
+    step = max(1, MAX_VOXELS_PER_READ // max(per_index, 1))
+    values: set[int] = set()
+    for start in range(0, shape[axis], step):
+        slab = (slice(None),) * axis + (slice(start, start + step),)
+        values |= _values_in(np.asarray(label_map[slab]))
+    return frozenset(values)
+
+
+def check_label_maps(
+    dataset_json: Mapping,
+    label_sets: Mapping[str, frozenset],
+    read_label_map: Callable[[str], object],
+    cases: Optional[Iterable[str]] = None,
+    label_manager: Optional[LabelManager] = None,
+    progress: bool = True,
+) -> list[str]:
+    """Check that no label map contains a label its case's label set marks as not annotated.
+
+    ``label_sets``: case -> annotated label values, as :func:`validate_annotated_labels` returns them.
+    ``read_label_map(case)``: the case's integer label map (e.g. the ``seg`` of nnU-Net's
+    ``dataset.load_case(case)``). Only the cases with a label set that marks some foreground label
+    missing are read (a fully annotated case cannot contradict its set), and of those only the ones
+    in ``cases`` when it is given. Background, nnU-Net's -1 outside the nonzero mask and the ignore
+    label are never contradictions. Region datasets are compared where their label sets live: a
+    region's name stands for all of its label values (:class:`LabelResolver`), so a label value with
+    voxels must be in the set, whatever regions it belongs to.
+
+    Returns the cases read, in order. Raises ONE ``ValueError`` that lists every contradicting case
+    and its labels by name.
+    """
+    resolver = LabelResolver(dataset_json, label_manager)
+    wanted = None if cases is None else set(cases)
+    missing_of = {case: resolver.foreground_values - frozenset(annotated) for case, annotated in label_sets.items()
+                  if wanted is None or case in wanted}
+    to_scan = [case for case, missing in missing_of.items() if missing]
+    contradictions: dict[str, list[int]] = {}
+    for case in tqdm(to_scan, desc="label sets vs label maps", disable=not progress):
+        missing = missing_of[case]
+        found = sorted(missing & labels_in(read_label_map(case)))
+        if found:
+            contradictions[case] = found
+    if contradictions:
+        raise ValueError(_contradiction_message(contradictions, resolver))
+    return to_scan
+
+
+def _describe_value(value: int, resolver: LabelResolver) -> str:
+    """'lesion' (2), or for a label value without its own name (regions): 1 (part of 'organ')."""
+    for name, values in resolver.names.items():
+        if values == {value}:
+            return f"{name!r} ({value})"
+    regions = [name for name, values in resolver.names.items() if value in values]
+    return f"{value}" + (f" (part of {', '.join(map(repr, regions))})" if regions else "")
+
+
+def _contradiction_message(contradictions: Mapping[str, Sequence[int]], resolver: LabelResolver) -> str:
+    parts = []
+    for case, values in list(contradictions.items())[:MAX_CASES_IN_MESSAGE]:
+        labels = [_describe_value(v, resolver) for v in values]
+        listed = labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+        noun = "label" if len(labels) == 1 else "labels"
+        parts.append(f"case {case!r} contains {noun} {listed}, which its label set marks as not annotated")
+    more = len(contradictions) - MAX_CASES_IN_MESSAGE
+    if more > 0:
+        parts.append(f"... and {more} more case{'s' if more > 1 else ''}")
+    count = len(contradictions)
+    return (
+        f"dataset.json '{ANNOTATED_LABELS_KEY}': expected label sets that include every label with voxels in the "
+        f"case's label map, got {count} case{'s' if count > 1 else ''} whose {'sets do' if count > 1 else 'set does'} "
+        f"not: {'; '.join(parts)}. Add those labels to the cases' sets, or set their voxels to background in "
+        f"the raw label maps and preprocess again."
+    )

@@ -1,32 +1,42 @@
 """The missing-label trainers get each batch's label sets: nnUNetTrainerMarginalDice and
 nnUNetTrainerLeafDice turn nnU-Net's batch['keys'] into the (B, C) ``annotated`` table of their loss,
 in nnU-Net's own train_step and validation_step, at every deep-supervision scale; they check the
-dataset's label sets when training starts; without dataset.json "annotated_labels" they keep the
-losses' "annotated iff present" fallback."""
+dataset's label sets, and the fold's label maps against them, when training starts; without dataset.json
+"annotated_labels" they keep the losses' "annotated iff present" fallback."""
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from nnunetv2.experiment_planning.plan_and_preprocess_api import (
     extract_fingerprint_dataset,
     plan_experiment_dataset,
     preprocess_dataset,
 )
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_losses import leaf_dice_loss, marginal_dice_loss
-from nnunet_losses_tools.synthetic import write_synthetic_dataset
+from nnunet_losses_tools import trainer_support
+from nnunet_losses_tools.label_sets import LabelResolver, labels_in
+from nnunet_losses_tools.synthetic import FILE_ENDING, write_synthetic_dataset
 from nnunet_losses_trainers import nnUNetTrainerLeafDice, nnUNetTrainerMarginalDice
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
+NNUNET_ON_TRAIN_START = nnUNetTrainer.on_train_start  # the real one, for the tests that run it
+
 DATASET_ID = 943
-# labels: background 0, organ 1, lesion 2, vessel 3 (nnunet_losses_tools.synthetic.LABELS)
+# labels: background 0, organ 1, lesion 2, vessel 3 (nnunet_losses_tools.synthetic.LABELS); with seed 0
+# every generated case has organ and vessel, all but labelsets_003 a lesion. The fixture sets the labels
+# these sets leave out to background in the raw maps, as a partially labelled dataset has them.
 LABEL_SETS = {"labelsets_001": ["organ"], "labelsets_003": [], "labelsets_004": ["vessel", 1]}
 # the (B, C) table of a batch, derived by hand: column 0 (background) always True, column c True iff c
 # is annotated in the case; a case not listed is fully annotated
@@ -51,12 +61,27 @@ def planned(tmp_path_factory):
             patch.setenv(name, str(path))
         dataset = write_synthetic_dataset(paths["nnUNet_raw"], DATASET_ID, "LabelSets", num_training=5, num_test=0,
                                           size=32)
+        remove_unannotated_labels(dataset.folder, LABEL_SETS)
         extract_fingerprint_dataset(DATASET_ID, num_processes=1, verbose=False, show_progress_bar=False)
         plan_experiment_dataset(DATASET_ID)
         preprocess_dataset(DATASET_ID, configurations=("2d",), num_processes=[1], show_progress_bar=False)
     preprocessed = paths["nnUNet_preprocessed"] / dataset.name
     return paths, json.loads((preprocessed / "nnUNetPlans.json").read_text()), \
         json.loads((preprocessed / "dataset.json").read_text())
+
+
+def remove_unannotated_labels(raw_dataset: Path, label_sets: dict) -> None:
+    """Set the labels a case's set leaves out to background in its raw label map."""
+    labels = json.loads((raw_dataset / "dataset.json").read_text())["labels"]
+    resolver = LabelResolver({"labels": labels})
+    for case, annotated in label_sets.items():
+        path = str(raw_dataset / "labelsTr" / f"{case}{FILE_ENDING}")
+        image = sitk.ReadImage(path)
+        array = sitk.GetArrayFromImage(image)
+        array[~np.isin(array, list(resolver.resolve_all(annotated, case)))] = 0
+        written = sitk.GetImageFromArray(array)
+        written.CopyInformation(image)
+        sitk.WriteImage(written, path)
 
 
 @pytest.fixture(autouse=True)
@@ -83,17 +108,23 @@ class RecordingLoss(torch.nn.Module):
         return self.function(x, y, loss_mask=loss_mask, annotated=annotated)
 
 
-def started_trainer(trainer_class, planned, tmp_path, label_sets=None):
-    """A trainer initialised on CPU (network, optimizer, loss) whose training has started."""
+def initialized_trainer(trainer_class, planned, tmp_path, label_sets=None, fold=0):
+    """A trainer initialised on CPU (network, optimizer, loss), training not started."""
     _, plans, dataset_json = planned
     dataset_json = copy.deepcopy(dataset_json)
     if label_sets is not None:
         dataset_json["annotated_labels"] = label_sets
     plans = copy.deepcopy(plans)
     plans["continue_training"] = False  # what nnU-Net's run_training reads from the plans
-    trainer = trainer_class(plans, "2d", 0, dataset_json, torch.device("cpu"))
+    trainer = trainer_class(plans, "2d", fold, dataset_json, torch.device("cpu"))
     trainer.log_file = str(tmp_path / f"log_{id(trainer)}.txt")
     trainer.initialize()
+    return trainer
+
+
+def started_trainer(trainer_class, planned, tmp_path, label_sets=None, fold=0):
+    """A trainer initialised on CPU (network, optimizer, loss) whose training has started."""
+    trainer = initialized_trainer(trainer_class, planned, tmp_path, label_sets, fold)
     trainer.on_train_start()
     return trainer
 
@@ -186,3 +217,104 @@ def test_a_batch_key_outside_the_dataset_is_an_error(planned, tmp_path):
 def test_label_sets_are_logged_at_start(planned, tmp_path):
     trainer = started_trainer(nnUNetTrainerMarginalDice, planned, tmp_path, LABEL_SETS)
     assert "3 of the 5 training cases are partially annotated" in Path(trainer.log_file).read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# the fold's label maps against their label sets, before training
+# ---------------------------------------------------------------------------------------------
+# labelsets_000 has vessel voxels, labelsets_002 (left fully labelled by the fixture) all three labels,
+# labelsets_003 (emptied by the fixture) none: its set, which calls organ and lesion missing, is consistent
+CONTRADICTING = {"labelsets_000": ["organ", "lesion"], "labelsets_002": [], "labelsets_003": ["vessel"]}
+CONTRADICTION_MESSAGE = (
+    "dataset.json 'annotated_labels': expected label sets that include every label with voxels in the case's "
+    "label map, got 2 cases whose sets do not: case 'labelsets_000' contains label 'vessel' (3), which its label "
+    "set marks as not annotated; case 'labelsets_002' contains labels 'organ' (1), 'lesion' (2) and 'vessel' (3), "
+    "which its label set marks as not annotated. Add those labels to the cases' sets, or set their voxels to "
+    "background in the raw label maps and preprocess again."
+)
+# fold 0 holds three cases (labelsets_004 outside it), fold 1 the other two and labelsets_000
+TWO_FOLDS = [{"train": ["labelsets_000", "labelsets_001"], "val": ["labelsets_002"]},
+             {"train": ["labelsets_003", "labelsets_004"], "val": ["labelsets_000"]}]
+
+
+def preprocessed_dataset(planned) -> Path:
+    paths, plans, _ = planned
+    return paths["nnUNet_preprocessed"] / plans["dataset_name"]
+
+
+@pytest.fixture
+def two_fold_split(planned):
+    """nnU-Net's splits_final.json replaced by TWO_FOLDS for one test."""
+    path = preprocessed_dataset(planned) / "splits_final.json"
+    previous = path.read_text() if path.exists() else None
+    path.write_text(json.dumps(TWO_FOLDS))
+    yield
+    if previous is None:
+        path.unlink()
+    else:
+        path.write_text(previous)
+
+
+def test_the_preprocessed_label_maps_hold_what_the_messages_below_say(planned):
+    folder = str(preprocessed_dataset(planned) / "nnUNetPlans_2d")
+    dataset = infer_dataset_class(folder)(folder)
+    present = {case: labels_in(dataset.load_case(case)[1]) - {0, -1} for case in dataset.identifiers}
+    assert present == {"labelsets_000": {1, 2, 3}, "labelsets_001": {1}, "labelsets_002": {1, 2, 3},
+                       "labelsets_003": set(), "labelsets_004": {1, 3}}
+
+
+@pytest.mark.parametrize("kind", MISSING_LABEL_TRAINERS)
+def test_label_maps_contradicting_their_sets_stop_training_before_the_first_iteration(planned, tmp_path, monkeypatch,
+                                                                                        kind):
+    monkeypatch.setattr(nnUNetTrainer, "on_train_start", NNUNET_ON_TRAIN_START)  # nnU-Net's real start
+    trainer = initialized_trainer(MISSING_LABEL_TRAINERS[kind][0], planned, tmp_path, CONTRADICTING)
+    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 1, 1, 1
+    calls = []
+    get_dataloaders = nnUNetTrainer.get_dataloaders
+    monkeypatch.setattr(nnUNetTrainer, "get_dataloaders",
+                        lambda self: calls.append("dataloaders") or get_dataloaders(self))
+    train_step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda batch: calls.append("train_step") or train_step(batch))
+    with pytest.raises(ValueError, match=f"^{re.escape(CONTRADICTION_MESSAGE)}$"):
+        trainer.run_training()
+    assert calls == []  # neither nnU-Net's dataloaders nor a training step had started
+
+
+def test_consistent_label_maps_pass_and_the_checked_cases_are_logged(planned, tmp_path):
+    trainer = started_trainer(nnUNetTrainerMarginalDice, planned, tmp_path, LABEL_SETS)
+    assert trainer.annotated_table is not None
+    assert ("Label maps checked against their label sets: 3 partially annotated case(s) of fold 0 (labelsets_001, "
+            "labelsets_003, labelsets_004), no contradiction.") in Path(trainer.log_file).read_text()
+
+
+def test_only_partially_annotated_cases_are_read(planned, tmp_path, monkeypatch):
+    # labelsets_000 lists every label (fully annotated): its map cannot contradict its set
+    read = []
+    dataset_class = infer_dataset_class(str(preprocessed_dataset(planned) / "nnUNetPlans_2d"))
+    load_case = dataset_class.load_case
+    monkeypatch.setattr(dataset_class, "load_case", lambda self, case: read.append(case) or load_case(self, case))
+    started_trainer(nnUNetTrainerLeafDice, planned, tmp_path,
+                    {"labelsets_000": ["organ", "lesion", "vessel"], "labelsets_003": []})
+    assert read == ["labelsets_003"]
+
+
+def test_without_label_sets_no_label_map_is_read(planned, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(trainer_support, "check_label_maps", lambda *args, **kwargs: calls.append(args) or [])
+    started_trainer(nnUNetTrainerLeafDice, planned, tmp_path, label_sets=None)
+    assert calls == []
+    started_trainer(nnUNetTrainerLeafDice, planned, tmp_path, LABEL_SETS)  # the same spy sees a dataset with sets
+    assert len(calls) == 1
+
+
+def test_only_the_folds_cases_are_checked(planned, tmp_path, two_fold_split):
+    # labelsets_004 has vessel voxels: its empty set contradicts its map, but the case is not in fold 0
+    label_sets = {"labelsets_001": ["organ"], "labelsets_004": []}
+    trainer = started_trainer(nnUNetTrainerLeafDice, planned, tmp_path, label_sets, fold=0)
+    log = Path(trainer.log_file).read_text()
+    assert "1 partially annotated case(s) of fold 0 (labelsets_001), no contradiction." in log
+    # fold 1 trains on labelsets_004
+    with pytest.raises(ValueError, match=r"got 1 case whose set does not: case 'labelsets_004' contains labels "
+                                         r"'organ' \(1\) and 'vessel' \(3\), which its label set marks as not "
+                                         r"annotated\."):
+        started_trainer(nnUNetTrainerLeafDice, planned, tmp_path, label_sets, fold=1)

@@ -1,12 +1,17 @@
-"""Label sets in dataset.json: validation and the (B, C) ``annotated`` table of the missing-label losses."""
+"""Label sets in dataset.json: validation, the (B, C) ``annotated`` table of the missing-label losses, and the
+check of the label maps against the label sets."""
+
+import re
 
 import numpy as np
 import pytest
 import torch
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, nnUNetDatasetNumpy, infer_dataset_class
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from nnunet_losses import LeafDiceLoss, MarginalDiceLoss
-from nnunet_losses_tools.label_sets import AnnotatedTable, validate_annotated_labels
+from nnunet_losses_tools import label_sets as label_sets_module
+from nnunet_losses_tools.label_sets import AnnotatedTable, check_label_maps, labels_in, validate_annotated_labels
 
 CASES = ["case_a", "case_b", "case_c", "case_d"]
 
@@ -158,3 +163,153 @@ def test_table_feeds_the_missing_label_losses():
     assert torch.equal(annotated, torch.tensor([[True, True, True, True], [True, True, False, True]]))
     for loss in (LeafDiceLoss(), MarginalDiceLoss()):
         assert not torch.allclose(loss(x, y, annotated=annotated), loss(x, y))
+
+
+# ---------------------------------------------------------------------------------------------
+# label maps against label sets
+# ---------------------------------------------------------------------------------------------
+def label_map(*values, dtype=np.int8):
+    """A (1, 2, 2, len(values)) label map as nnU-Net preprocesses them, holding ``values`` and background."""
+    array = np.zeros((1, 2, 2, max(len(values), 1)), dtype=dtype)
+    array[0, 1, 1, :len(values)] = values
+    return array
+
+
+class Reader:
+    """``read_label_map`` over a dict of arrays; records which cases were read."""
+
+    def __init__(self, maps):
+        self.maps = maps
+        self.read = []
+
+    def __call__(self, case):
+        self.read.append(case)
+        return self.maps[case]
+
+
+def test_label_maps_contradicting_their_sets_are_one_error_naming_cases_and_labels():
+    dataset_json = acdc_like({"case_a": ["RV", "LV"], "case_b": ["RV"], "case_c": [], "case_d": ["RV", "MYO", "LV"]})
+    reader = Reader({
+        "case_a": label_map(1, 2, 3),  # MYO (2) is there, its set says not annotated
+        "case_b": label_map(3, 1, 2),  # MYO and LV are there, only RV annotated
+        "case_c": label_map(-1),       # nothing annotated and nothing there (-1: outside nnU-Net's nonzero mask)
+        "case_d": label_map(1, 2, 3),  # fully annotated: never read
+    })
+    expected = (
+        "dataset.json 'annotated_labels': expected label sets that include every label with voxels in the case's "
+        "label map, got 2 cases whose sets do not: case 'case_a' contains label 'MYO' (2), which its label set marks "
+        "as not annotated; case 'case_b' contains labels 'MYO' (2) and 'LV' (3), which its label set marks as not "
+        "annotated. Add those labels to the cases' sets, or set their voxels to background in the raw label maps "
+        "and preprocess again."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        check_label_maps(dataset_json, validate_annotated_labels(dataset_json, CASES), reader, progress=False)
+    assert reader.read == ["case_a", "case_b", "case_c"]
+
+
+def test_consistent_label_maps_pass_and_only_partial_cases_are_read():
+    # case_b misses MYO and has none; case_c misses everything and is all background; case_a is not listed
+    dataset_json = acdc_like({"case_b": ["RV", "LV"], "case_c": [], "case_d": [1, 2, 3]})
+    reader = Reader({"case_a": label_map(1, 2, 3), "case_b": label_map(1, 3, 0, 1), "case_c": label_map(),
+                     "case_d": label_map(1, 2, 3)})
+    scanned = check_label_maps(dataset_json, validate_annotated_labels(dataset_json, CASES), reader, progress=False)
+    assert scanned == reader.read == ["case_b", "case_c"]
+
+
+def test_only_the_given_cases_are_read():
+    dataset_json = acdc_like({"case_b": [], "case_c": []})
+    reader = Reader({"case_b": label_map(1), "case_c": label_map()})  # case_b contradicts, but is not asked for
+    label_sets = validate_annotated_labels(dataset_json, CASES)
+    assert check_label_maps(dataset_json, label_sets, reader, cases=["case_a", "case_c"], progress=False) == ["case_c"]
+    assert reader.read == ["case_c"]
+    with pytest.raises(ValueError, match=r"case 'case_b' contains label 'RV' \(1\), which its label set marks"):
+        check_label_maps(dataset_json, label_sets, reader, cases=["case_b"], progress=False)
+
+
+def test_the_ignore_label_is_not_a_contradiction():
+    # ignore (4) and nnU-Net's -1 in a case whose set annotates nothing: no class voxels, no contradiction
+    dataset_json = acdc_like({"case_a": [], "case_b": ["MYO"]}, ignore=True)
+    reader = Reader({"case_a": label_map(4, -1, 4), "case_b": label_map(2, 4)})
+    label_sets = validate_annotated_labels(dataset_json, CASES)
+    assert check_label_maps(dataset_json, label_sets, reader, progress=False) == ["case_a", "case_b"]
+
+
+def test_region_datasets_are_checked_on_the_label_values_their_region_names_stand_for():
+    # brats_like: 'whole tumor' = {1, 2, 3}, 'tumor core' = {2, 3}, 'enhancing tumor' = 3
+    #   case_a annotates the tumor core {2, 3}, but its map has label 1 (whole tumor only): contradiction
+    #   case_b annotates 'whole tumor', i.e. every label: never read
+    #   case_c annotates the enhancing tumor (3) and has only that: consistent
+    #   case_d annotates label 1 only and has it: consistent, although no region of it is annotated
+    dataset_json = brats_like({"case_a": ["tumor core"], "case_b": ["whole tumor"], "case_c": ["enhancing tumor"],
+                               "case_d": [1]})
+    reader = Reader({"case_a": label_map(1, 2, 3), "case_b": label_map(1), "case_c": label_map(3),
+                     "case_d": label_map(1)})
+    label_sets = validate_annotated_labels(dataset_json, CASES)
+    with pytest.raises(ValueError, match=r"got 1 case whose set does not: case 'case_a' contains label 1 \(part of "
+                                         r"'whole tumor'\), which its label set marks as not annotated\. "):
+        check_label_maps(dataset_json, label_sets, reader, progress=False)
+    assert reader.read == ["case_a", "case_c", "case_d"]
+    reader.maps["case_c"] = label_map(3, 2)  # label 2 (regions in dataset.json order) in a case that annotated only 3
+    with pytest.raises(ValueError, match=r"case 'case_c' contains label 2 \(part of 'whole tumor', 'tumor core'\)"):
+        check_label_maps(dataset_json, label_sets, reader, cases=["case_c"], progress=False)
+
+
+def test_a_long_list_of_contradictions_is_cut_short():
+    cases = [f"case_{i:02d}" for i in range(23)]
+    dataset_json = acdc_like({case: ["RV"] for case in cases})
+    reader = Reader({case: label_map(2) for case in cases})
+    with pytest.raises(ValueError) as error:
+        check_label_maps(dataset_json, validate_annotated_labels(dataset_json, cases), reader, progress=False)
+    message = str(error.value)
+    assert "got 23 cases whose sets do not" in message
+    assert message.count("contains label 'MYO' (2)") == 20
+    assert "case 'case_19' contains" in message and "case 'case_20'" not in message
+    assert "; ... and 3 more cases. Add those labels" in message
+
+
+@pytest.mark.parametrize("dataset_class", [nnUNetDatasetNumpy, nnUNetDatasetBlosc2])
+def test_labels_in_reads_nnunet_datasets_slab_by_slab(tmp_path, monkeypatch, dataset_class):
+    # a 3D case of 6 x 5 x 4 voxels read 20 voxels (one index of the first spatial axis) at a time:
+    # label 3 only in the last slab, -1 (outside nnU-Net's nonzero mask) only in the first
+    monkeypatch.setattr(label_sets_module, "MAX_VOXELS_PER_READ", 20)
+    seg = np.zeros((1, 6, 5, 4), dtype=np.int8)
+    seg[0, 0, 0, 0] = -1
+    seg[0, 2, 1:3, 1] = 1
+    seg[0, 5, 4, 3] = 3
+    data = np.zeros((1, 6, 5, 4), dtype=np.float32)
+    extra = {"chunks": (1, 6, 5, 4), "blocks": (1, 3, 5, 4)} if dataset_class is nnUNetDatasetBlosc2 else {}
+    dataset_class.save_case(data, seg, {"spacing": [1.0, 1.0, 1.0]}, str(tmp_path / "case_a"), **extra)
+    folder = str(tmp_path)
+    assert infer_dataset_class(folder) is dataset_class
+    loaded_seg = dataset_class(folder).load_case("case_a")[1]
+    assert labels_in(loaded_seg) == {-1, 0, 1, 3}
+    recorded = RecordingArray(loaded_seg)
+    assert labels_in(recorded) == {-1, 0, 1, 3}
+    assert recorded.reads == [(slice(None), slice(i, i + 1)) for i in range(6)]
+
+
+def test_labels_in_a_2d_case_reads_slabs_of_its_first_long_axis(monkeypatch):
+    # nnU-Net's 2D cases are (1, 1, x, y): slabs of x, 2 rows of 10 voxels per read
+    monkeypatch.setattr(label_sets_module, "MAX_VOXELS_PER_READ", 20)
+    seg = np.zeros((1, 1, 5, 10), dtype=np.int16)
+    seg[0, 0, 4, 9] = 300
+    recorded = RecordingArray(seg)
+    assert labels_in(recorded) == {0, 300}
+    assert recorded.reads == [(slice(None), slice(None), slice(i, i + 2)) for i in (0, 2, 4)]
+
+
+class RecordingArray:
+    """An array that records how it is sliced."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.reads = array, array.shape, []
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return self.array[key]
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.uint8, np.int32, np.float32])
+def test_labels_in_every_segmentation_dtype(dtype):
+    values = [0, 1, 3] + ([-1] if np.issubdtype(dtype, np.signedinteger) or dtype == np.float32 else [])
+    assert labels_in(label_map(*values[1:], dtype=dtype)) == set(values)
