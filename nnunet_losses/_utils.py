@@ -403,15 +403,18 @@ def ground_truth_sums(prepared: "Prepared", num_channels: int) -> torch.Tensor:
     return sums.scatter_add_(1, labels.flatten(1), weights.flatten(1))
 
 
-def overlap_stats(x: torch.Tensor, prepared: "Prepared", activation: str, background_row: bool = False):
+def overlap_stats(x: torch.Tensor, prepared: "Prepared", activation: str, background_row: bool = False,
+                  ground_truth: Optional[torch.Tensor] = None):
     """Per (b, c): intersection ``Σ m·y·s``, prediction ``Σ m·s``, ground truth ``Σ m·y`` (no gradient)
-    and, with ``background_row``, ``Σ m·y_0·s`` -- from the logits ``x``, see :class:`_OverlapSums`."""
+    and, with ``background_row``, ``Σ m·y_0·s`` -- from the logits ``x``, see :class:`_OverlapSums`.
+    ``ground_truth``: the caller's :func:`ground_truth_sums`, when it needed them first."""
     if background_row and activation != "softmax":
         raise ValueError("background_row: expected activation='softmax' (sigmoid regions have no background)")
     labels, target, mask = prepared.labels, prepared.given_target, prepared.mask
     intersection, prediction, row = _OverlapSums.apply(x, labels, target, mask, activation == "softmax",
                                                        background_row)
-    ground_truth = ground_truth_sums(prepared, x.shape[1])
+    if ground_truth is None:
+        ground_truth = ground_truth_sums(prepared, x.shape[1])
     if background_row:
         return intersection, prediction, ground_truth, row
     return intersection, prediction, ground_truth

@@ -24,6 +24,7 @@ from ._utils import (
     check_ignore_label,
     check_option,
     class_values,
+    ground_truth_sums,
     masked_mean,
     overlap_stats,
     per_class,
@@ -111,20 +112,23 @@ def _marginal(x, y, loss_mask, annotated, eps, include_background, activation, i
     _refuse_sigmoid(activation)
     prepared = prepare(x, y, loss_mask, activation, ignore_label)
     annotated = check_annotated(annotated, x.shape[0], x.shape[1], x.device)
-    intersection, prediction, ground_truth, background_row = overlap_stats(x, prepared, activation,
-                                                                          background_row=True)
+    # the table first (it needs only the labels): a batch that misses nothing costs a plain Φ = I Dice
+    ground_truth = ground_truth_sums(prepared, x.shape[1])
     annotated = _resolve_annotated(annotated, ground_truth, softmax=True)
-    missing = (~annotated).to(prepared.dtype)  # column 0 is False
-    # merged background s'_0 = Σ_{c in Z} s_c, Z = {0} ∪ missing; a missing class has no voxels (refused
-    # otherwise), so y'_0 = y_0 and I'_0 = Σ_{c in Z} Σ_i m y_0 s_c, P'_0 = Σ_{c in Z} P_c, G'_0 = G_0
-    merged = missing.clone()
-    merged[:, 0] = 1
-    merged_intersection = (background_row * merged).sum(1, keepdim=True)
-    merged_prediction = (prediction * merged).sum(1, keepdim=True)
-    merged_ground_truth = ground_truth[:, :1]
-    intersection = torch.cat([merged_intersection, intersection[:, 1:]], 1)
-    prediction = torch.cat([merged_prediction, prediction[:, 1:]], 1)
-    ground_truth = torch.cat([merged_ground_truth, ground_truth[:, 1:]], 1)
+    missing = ~annotated  # column 0 is False
+    if not bool(missing.any()):
+        intersection, prediction, ground_truth = overlap_stats(x, prepared, activation, ground_truth=ground_truth)
+    else:
+        intersection, prediction, ground_truth, background_row = overlap_stats(
+            x, prepared, activation, background_row=True, ground_truth=ground_truth)
+        # merged background s'_0 = Σ_{c in Z} s_c, Z = {0} ∪ missing; a missing class has no voxels (refused
+        # otherwise), so y'_0 = y_0 and I'_0 = Σ_{c in Z} Σ_i m y_0 s_c, P'_0 = Σ_{c in Z} P_c, G'_0 = G_0
+        merged = missing.to(prepared.dtype)
+        merged[:, 0] = 1
+        merged_intersection = (background_row * merged).sum(1, keepdim=True)
+        merged_prediction = (prediction * merged).sum(1, keepdim=True)
+        intersection = torch.cat([merged_intersection, intersection[:, 1:]], 1)
+        prediction = torch.cat([merged_prediction, prediction[:, 1:]], 1)
     eps = per_class("epsilon", eps, x.shape[1], intersection)
     keep = annotated.clone()
     keep[:, 0] = include_background
