@@ -46,7 +46,10 @@ def _resolve_annotated(annotated, ground_truth, softmax: bool) -> torch.Tensor:
     elif softmax:
         contradiction = present & ~annotated
         contradiction[:, 0] = False
-        if bool(contradiction.any()):
+        if torch.compiler.is_compiling():  # no host read in a compiled graph (it would break the graph)
+            torch._assert_async(~contradiction.any(), "annotated: expected every class with voxels in y to be "
+                                                      "marked annotated, got a class with voxels marked as not annotated")
+        elif bool(contradiction.any()):
             sample, cls = (int(v) for v in contradiction.nonzero()[0])
             raise ValueError(
                 f"annotated: expected every class with voxels in y to be marked annotated, got sample {sample} "
@@ -116,7 +119,7 @@ def _marginal(x, y, loss_mask, annotated, eps, include_background, activation, i
     ground_truth = ground_truth_sums(prepared, x.shape[1])
     annotated = _resolve_annotated(annotated, ground_truth, softmax=True)
     missing = ~annotated  # column 0 is False
-    if not bool(missing.any()):
+    if not torch.compiler.is_compiling() and not bool(missing.any()):  # (compiled: no host read, always merge)
         intersection, prediction, ground_truth = overlap_stats(x, prepared, activation, ground_truth=ground_truth)
     else:
         intersection, prediction, ground_truth, background_row = overlap_stats(

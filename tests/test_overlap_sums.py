@@ -112,3 +112,84 @@ def test_nothing_is_kept_without_a_gradient(make_case):
     assert loss.grad_fn is None
     with torch.no_grad():
         assert MarginalDiceLoss()(case.x.clone().requires_grad_(True), case.labels).grad_fn is None
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile: the custom operator nnunet_losses::overlap_sums
+# ------------------------------------------------------------------------------------------------
+def operator_cases(make_case):
+    case = make_case(spatial=(3, 4, 5), channels=4, mask=True, dtype=torch.float32)
+    labels = case.labels
+    return [
+        (case.x, labels, None, None, True, False),
+        (case.x, labels, None, case.mask, True, True),
+        (case.x, None, case.one_hot, case.mask, True, True),
+        (case.x, None, case.regions, None, False, False),
+        (case.x.to(torch.bfloat16), labels, None, case.mask, True, False),
+    ]
+
+
+def test_overlap_sums_operator_passes_opcheck(make_case):
+    """Schema, fake (meta) implementation and autograd registration, as torch.compile relies on them."""
+    for arguments in operator_cases(make_case):
+        x = arguments[0].clone().requires_grad_(True)
+        torch.library.opcheck(torch.ops.nnunet_losses.overlap_sums.default, (x, *arguments[1:]))
+
+
+def test_overlap_sums_operator_equals_the_function(make_case):
+    from nnunet_losses._utils import _OverlapSums, _overlap_sums_op
+
+    for x, labels, target, mask, softmax, row in operator_cases(make_case):
+        x_op, x_fn = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        by_op = _overlap_sums_op(x_op, labels, target, mask, softmax, row)
+        by_function = _OverlapSums.apply(x_fn, labels, target, mask, softmax, row)
+        weights = torch.arange(1.0, 1.0 + by_op[0].numel()).view_as(by_op[0])
+        total_op = sum((weights * t).sum() for t in by_op[:2]) + (by_op[2].sum() if row else 0)
+        total_fn = sum((weights * t).sum() for t in by_function[:2]) + (by_function[2].sum() if row else 0)
+        torch.testing.assert_close(total_op, total_fn, rtol=0, atol=0)
+        total_op.backward()
+        total_fn.backward()
+        torch.testing.assert_close(x_op.grad, x_fn.grad, rtol=0, atol=0)
+
+
+def test_compiled_losses_call_the_operator_without_graph_breaks(make_case):
+    """The compiler sees the operator, not the Function's inside (whose in-place backward it would
+    re-plan with buffers of its own), and the marginal Dice's host reads are gone from the graph."""
+    torch._dynamo.reset()
+    case = make_case(spatial=(4, 5, 6), channels=4, dtype=torch.float32)
+    annotated = torch.tensor([[True, True, False, True], [True, True, True, True]])
+    labels = case.labels.clone()
+    labels[0][labels[0] == 2] = 0  # sample 0 misses class 2: marginal Dice merges it
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append([str(node.target) for node in graph_module.graph.nodes])
+        return graph_module.forward
+
+    for loss in (PhiDiceLoss("BI"), MimeLoss(), MarginalDiceLoss()):
+        graphs.clear()
+        extra = (None, annotated) if isinstance(loss, MarginalDiceLoss) else ()
+        x = case.x.clone().requires_grad_(True)
+        compiled = torch.compile(loss, backend=backend)
+        value = compiled(x, labels, *extra)
+        value.backward()
+        x_eager = case.x.clone().requires_grad_(True)
+        eager = loss(x_eager, labels, *extra)
+        eager.backward()
+        torch.testing.assert_close(value, eager)
+        torch.testing.assert_close(x.grad, x_eager.grad)
+        targets = [target for graph in graphs for target in graph]
+        assert any("nnunet_losses.overlap_sums" in t for t in targets), type(loss).__name__
+        assert not any("_OverlapSums" in t for t in targets), type(loss).__name__
+        # one graph, unless prepare's label-range check (a host read, skipped when compiling) came back
+        assert len(graphs) == 1, (type(loss).__name__, len(graphs))
+
+
+def test_compiled_marginal_dice_still_refuses_a_contradicting_table(make_case):
+    torch._dynamo.reset()
+    case = make_case(spatial=(4, 5), channels=3, dtype=torch.float32)
+    annotated = torch.tensor([[True, True, False], [True, True, True]])  # sample 0 has class-2 voxels
+    assert bool((case.labels[0] == 2).any())
+    compiled = torch.compile(MarginalDiceLoss(), backend="eager")
+    with pytest.raises(RuntimeError, match="annotated: expected every class with voxels in y to be marked annotated"):
+        compiled(case.x, case.labels, None, annotated)
