@@ -14,6 +14,7 @@ from ._utils import (
     check_ignore_label,
     check_option,
     check_scalar,
+    compute_dtype,
     ground_truth_sums,
     prepare,
     spatial_sum,
@@ -111,33 +112,192 @@ def label_marginal_loss(
 
 def _label_marginal(x, y, loss_mask, penalty, lam, tau, activation, ignore_label):
     prepared = prepare(x, y, loss_mask, activation, ignore_label)
-    logits = x.to(prepared.dtype)
     mask = prepared.mask
-    if activation == "softmax":
-        if prepared.labels is not None:
-            voxel_ce = F.cross_entropy(logits, prepared.labels[:, 0], reduction="none").unsqueeze(1)
-        else:
-            voxel_ce = F.cross_entropy(logits, prepared.target, reduction="none").unsqueeze(1)
-    else:  # mean over voxels and regions
-        voxel_ce = F.binary_cross_entropy_with_logits(logits, prepared.target, reduction="none").mean(1, keepdim=True)
+    softmax = activation == "softmax"
+    keep = torch.is_grad_enabled() and x.requires_grad  # inside the Function grad mode is always off
+    ce_sum, sharpened_sums = _CrossEntropyAndMarginals.apply(
+        x, prepared.labels, prepared.given_target, mask, softmax, None if lam == 0 else tau, keep)
+    regions = 1 if softmax else x.shape[1]  # sigmoid: mean over voxels and regions
     if mask is None:
-        ce = voxel_ce.mean()
+        ce = ce_sum / (x.shape[0] * x[0, 0].numel() * regions)
     else:
-        ce = (voxel_ce * mask).sum() / mask.sum().clamp_min(1)
+        ce = ce_sum / (mask.sum().clamp_min(1) * regions)
     if lam == 0:
         return ce
 
-    sharpened = torch.softmax(tau * logits, 1) if activation == "softmax" else torch.sigmoid(tau * logits)
     if mask is not None:
-        sharpened = sharpened * mask
         counted = spatial_sum(mask)  # (B, 1)
     else:
         counted = torch.full((x.shape[0], 1), float(x[0, 0].numel()), dtype=prepared.dtype, device=x.device)
     valid = counted[:, 0] > 0
     counted = counted.clamp_min(1)
-    p_hat = spatial_sum(sharpened) / counted
+    p_hat = sharpened_sums / counted
     y_hat = ground_truth_sums(prepared, x.shape[1]) / counted
     return ce + lam * marginal_penalty(y_hat, p_hat, penalty, activation, valid)
+
+
+# The sharpened probabilities are computed (twice: forward and backward) and used slice by slice
+# along the voxels, never stored whole: on the CPU a slice of about this many elements (16 MiB in
+# float32, a few slices per batch) is measured fastest -- smaller ones multiply the operator calls,
+# larger ones miss the cache and page-fault fresh memory. Elsewhere (CUDA) four slices keep the
+# temporaries at a quarter of the logits; torch.compile sees one slice.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunks(x: torch.Tensor, voxels: int):
+    if torch.compiler.is_compiling():
+        length = voxels
+    elif x.device.type != "cpu":  # four slices: the slices' temporaries stay small, launches few
+        length = -(-voxels // 4)
+    else:
+        length = _CHUNK_ELEMENTS // max(1, x.shape[0] * x.shape[1])
+    length = max(1, length)
+    return [slice(start, min(start + length, voxels)) for start in range(0, voxels, length)]
+
+
+def _sharpened(log_probs: torch.Tensor, tau: float) -> torch.Tensor:
+    """``softmax(τ x) = softmax(τ log s)`` from a slice of log-probabilities ``log s``: the logits
+    themselves are not kept (log s differs from x by a per-voxel constant, which softmax ignores)."""
+    return torch.softmax(log_probs * tau, 1)
+
+
+class _CrossEntropyAndMarginals(torch.autograd.Function):
+    r"""The cross-entropy sum and the per-(b, c) sums of the sharpened probabilities, straight from the
+    logits, with a closed-form backward.
+
+    Returns ``Σ_i m_i CE_i`` (a scalar; sigmoid: summed over regions too) and ``Σ_i m_i q_{b,c,i}`` with
+    :math:`q = \mathrm{softmax}(τ x)` (sigmoid: :math:`σ(τ x)`), or None when ``tau`` is None. With
+    :math:`s` = softmax(x) (sigmoid: σ(x)), incoming gradients :math:`g^{CE}` and :math:`g_{b,c}`:
+
+    * softmax: :math:`∂/∂x_c = g^{CE} m (s_c Σ_k t_k - t_c) + τ m q_c (g_c - Σ_k g_k q_k)`
+      (:math:`Σ_k t_k = 1` and :math:`t_c = [c = l]` for a label map l);
+    * sigmoid: :math:`∂/∂x_c = g^{CE} m (s_c - t_c) + τ m g_c q_c (1 - q_c)`.
+
+    The forward keeps one logits-sized tensor, the log-probabilities (``log_softmax``, as
+    ``F.cross_entropy``), and only when the logits will need a gradient (``keep``); the backward turns
+    it into the gradient in place. :math:`q = \mathrm{softmax}(τ \log s)` is computed from it, slice by
+    slice, in both passes, and never stored. A second backward (``retain_graph``) recomputes the
+    log-probabilities from the saved logits. Sigmoid keeps nothing: the backward writes σ(x) into the
+    gradient. Label maps are gathered / scatter-added, never one-hot.
+    """
+
+    @staticmethod
+    def forward(ctx, x, labels, target, mask, softmax: bool, tau: Optional[float], keep: bool):
+        ctx.set_materialize_grads(False)
+        with torch.autocast(x.device.type, enabled=False):  # sums stay float32 under autocast
+            return _CrossEntropyAndMarginals._forward(ctx, x, labels, target, mask, softmax, tau, keep)
+
+    @staticmethod
+    def _forward(ctx, x, labels, target, mask, softmax, tau, keep):
+        dtype = compute_dtype(x)
+        batch, channels = x.shape[:2]
+        voxels = x[0, 0].numel()
+        weights = None if mask is None else mask.reshape(batch, 1, voxels).to(dtype)
+        sums = None if tau is None else x.new_zeros((batch, channels, 1), dtype=dtype)
+        log_probs = None
+        if softmax:
+            log_probs = torch.log_softmax(x, 1, dtype=dtype).reshape(batch, channels, voxels)
+            if labels is not None:
+                voxel_ce = log_probs.gather(1, labels.reshape(batch, 1, voxels))  # log s at the label
+            else:
+                voxel_ce = _channel_dot(log_probs, target.reshape(batch, channels, voxels).to(dtype))
+            ce = -(voxel_ce if weights is None else voxel_ce.mul_(weights)).sum()
+            if sums is not None:
+                for part in _chunks(x, voxels):
+                    q = _sharpened(log_probs[..., part], tau)
+                    if weights is None:
+                        sums.add_(q.sum(-1, keepdim=True))
+                    else:
+                        sums.baddbmm_(q, weights[..., part].transpose(1, 2))
+        else:
+            logits = x.reshape(batch, channels, voxels)
+            flat_target = target.reshape(batch, channels, voxels)
+            ce_parts = []
+            for part in _chunks(x, voxels):
+                z = logits[..., part].to(dtype)
+                m = None if weights is None else weights[..., part]
+                voxel_ce = F.binary_cross_entropy_with_logits(z, flat_target[..., part].to(dtype), reduction="none")
+                ce_parts.append(voxel_ce.sum() if m is None else torch.einsum("bcn,bon->", voxel_ce, m))
+                if sums is not None:
+                    q = torch.mul(z, tau).sigmoid_()
+                    sums.add_(q.sum(-1, keepdim=True) if m is None else torch.bmm(q, m.transpose(1, 2)))
+            ce = torch.stack(ce_parts).sum() if ce_parts else x.new_zeros((), dtype=dtype)
+        ctx.save_for_backward(x, labels, target, mask)
+        ctx.softmax, ctx.tau = softmax, tau
+        # an attribute, not a saved tensor: the backward consumes it in place
+        ctx.log_probs = log_probs if keep and not torch.compiler.is_compiling() else None
+        return ce, None if sums is None else sums[..., 0]
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_sums):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return _CrossEntropyAndMarginals._backward(ctx, grad_ce, grad_sums)
+
+    @staticmethod
+    def _backward(ctx, grad_ce, grad_sums):
+        x, labels, target, mask = ctx.saved_tensors
+        dtype = compute_dtype(x)
+        batch, channels = x.shape[:2]
+        voxels = x[0, 0].numel()
+        softmax, tau = ctx.softmax, ctx.tau
+        weights = None if mask is None else mask.reshape(batch, 1, voxels).to(dtype)
+        flat_target = None if target is None else target.reshape(batch, channels, voxels)
+        # g^CE m: () or (B, 1, N); τ g: (B, C, 1)
+        scale = None if grad_ce is None else grad_ce.to(dtype) if weights is None else grad_ce.to(dtype) * weights
+        tau_g = None if grad_sums is None or tau is None else grad_sums.to(dtype).unsqueeze(-1) * tau
+        if softmax:
+            grad, ctx.log_probs = ctx.log_probs, None  # the forward's log-probabilities, used up here
+            if grad is None:  # not kept (no_grad forward, torch.compile) or a second backward
+                grad = torch.log_softmax(x, 1, dtype=dtype).reshape(batch, channels, voxels)
+            if labels is not None:
+                flat_labels = labels.reshape(batch, 1, voxels)
+                at_label = None if scale is None else scale.neg().expand(flat_labels.shape)
+        else:
+            grad = torch.empty((batch, channels, voxels), dtype=dtype, device=x.device)
+            logits = x.reshape(batch, channels, voxels)
+        for part in _chunks(x, voxels):
+            out = grad[..., part]
+            m = None if weights is None else weights[..., part]
+            step = None if scale is None or scale.ndim == 0 else scale[..., part]
+            if softmax:
+                if tau_g is not None:  # τ m q (g - Σ_k g_k q_k), from the log-probabilities still in `out`
+                    q = _sharpened(out, tau)
+                    mean = torch.matmul(tau_g.transpose(1, 2), q)  # τ Σ_k g_k q_k, (B, 1, n)
+                    if m is not None:
+                        q.mul_(m)
+                if scale is None:
+                    out.zero_()
+                elif labels is not None:  # g^CE m (s - onehot)
+                    out.exp_().mul_(scale if step is None else step)
+                    out.scatter_add_(1, flat_labels[..., part], at_label[..., part])
+                else:  # g^CE m (s Σ_k t_k - t)
+                    t = flat_target[..., part].to(dtype)
+                    step = scale if step is None else step
+                    out.exp_().mul_(t.sum(1, keepdim=True).mul_(step)).addcmul_(t, step, value=-1)
+                if tau_g is not None:
+                    out.addcmul_(q, tau_g).addcmul_(q, mean, value=-1)
+            else:
+                z = logits[..., part].to(dtype)
+                if scale is None:
+                    out.zero_()
+                else:  # g^CE m (σ(x) - t)
+                    torch.sigmoid(z, out=out)
+                    out.sub_(flat_target[..., part].to(dtype)).mul_(scale if step is None else step)
+                if tau_g is not None:  # τ m g q (1 - q)
+                    q = torch.mul(z, tau).sigmoid_()
+                    q.addcmul_(q, q, value=-1)
+                    if m is not None:
+                        q.mul_(m)
+                    out.addcmul_(q, tau_g)
+        return grad.view(x.shape).to(x.dtype), None, None, None, None, None, None
+
+
+def _channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``Σ_c a_c b_c`` per voxel, ``(B, 1, N)``, one channel at a time (no logits-sized product)."""
+    total = a[:, :1] * b[:, :1]
+    for channel in range(1, a.shape[1]):
+        total.addcmul_(a[:, channel:channel + 1], b[:, channel:channel + 1])
+    return total
 
 
 class LabelMarginalLoss(nn.Module):
