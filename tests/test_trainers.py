@@ -214,8 +214,8 @@ TRAINERS = {
         lambda x, y, m, act: marginal_dice_loss(x, y, m, epsilon=1e-7, include_background=True),
         ("labels", "labels+ignore")),
     "nnUNetTrainerLeafDice": (
-        nnUNetTrainerLeafDice, LeafDiceLoss, {"include_background": False},
-        lambda x, y, m, act: leaf_dice_loss(x, y, m, epsilon=1e-7, include_background=False, activation=act),
+        nnUNetTrainerLeafDice, LeafDiceLoss, {"include_background": True},
+        lambda x, y, m, act: leaf_dice_loss(x, y, m, epsilon=1e-7, include_background=True, activation=act),
         ("labels", "labels+ignore", "regions", "regions+ignore")),
     "nnUNetTrainerCEL1": (
         nnUNetTrainerCEL1, LabelMarginalLoss, {"penalty": "l1", "lam": 1.0, "tau": 10.0},
@@ -454,7 +454,8 @@ def test_missing_label_trainers_call_their_loss_through_one_overridable_method(p
     assert calls == [(2, 4, 16, 16), (2, 4, 8, 8), (2, 4, 4, 4)]  # the 0-weight output is skipped, as nnU-Net does
     # the default passes annotated=None: the loss's "annotated iff present" fallback
     default = build_trainer(nnUNetTrainerLeafDice, planned)._build_loss()
-    fallback = sum(w * leaf_dice_loss(x, y) for w, x, y in zip(NNUNET_WEIGHTS, outputs, targets) if w)
+    fallback = sum(w * leaf_dice_loss(x, y, include_background=True) for w, x, y in zip(NNUNET_WEIGHTS, outputs, targets)
+                   if w)
     torch.testing.assert_close(default(outputs, targets), fallback)
 
 
