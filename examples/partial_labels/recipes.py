@@ -25,7 +25,9 @@ nnunet-losses developers (their argument handling and preparation steps are test
     each, compared with ``nnunet-losses report``.
 
 The nnU-Net environment variables (nnUNet_raw, nnUNet_preprocessed, nnUNet_results) must be set;
-``nnUNet_extTrainer`` is set for the commands (``nnunet-losses trainer-path --append``).
+``nnUNet_extTrainer`` is set for the commands (printed first): our trainers and, with ``--optimizer adam``
+(the default of ``acdc`` and ``brats``: the paper's optimizer, see ``optimizer_choice.py``), the
+``<trainer>Adam`` trainers of ``paper_optimizer/``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from optimizer_choice import add_optimizer_argument, trainer_folders, trainer_name  # noqa: E402
 
 PHI_EPSILON_TRAINERS = ("nnUNetTrainerDiceI", "nnUNetTrainerDiceBI", "nnUNetTrainerDiceIEps")
 MISSING_LABEL_TRAINERS = ("nnUNetTrainerMarginalDice", "nnUNetTrainerLeafDice")
@@ -131,6 +136,7 @@ def train_evaluate_steps(args, source: str, partial: str, trainers: Sequence[str
     raw, results = env_folder("nnUNet_raw"), env_folder("nnUNet_results")
     steps = []
     runs = [(partial, t) for t in trainers] + ([(source, reference)] if reference else [])
+    runs = [(dataset, trainer_name(trainer, args.optimizer)) for dataset, trainer in runs]
     for fold in args.folds:
         for dataset, trainer in runs:
             steps.append(Step(f"train {trainer} on {dataset}, fold {fold}",
@@ -260,6 +266,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     acdc.add_argument("--source-id", type=int, default=27, help="dataset id of the converted (full) ACDC")
     acdc.add_argument("--target-id", type=int, default=527, help="dataset id of the derived partial dataset")
     common(acdc)
+    add_optimizer_argument(acdc)
     brats = sub.add_parser("brats", help="BRATS whole tumour with the low-grade cases emptied (Tilborghs et al.)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     brats.add_argument("--msd-folder", required=True, help="the Decathlon's Task01_BrainTumour folder")
@@ -269,6 +276,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     brats.add_argument("--source-id", type=int, default=501, help="dataset id of the converted (full) task")
     brats.add_argument("--target-id", type=int, default=502, help="dataset id of the derived partial dataset")
     common(brats)
+    add_optimizer_argument(brats)
     marginal = sub.add_parser("label-marginal", help="CE vs CE+L1 vs CE+KL on a Decathlon task (Liu et al.)",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     marginal.add_argument("--msd-folder", required=True, help="a Decathlon task folder: Task07_Pancreas or Task03_Liver")
@@ -283,11 +291,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Step]:
         steps = RECIPES[args.recipe](args)
     except ValueError as error:
         sys.exit(f"recipes.py {args.recipe}: error: {error}")
-    environment = dict(os.environ)
-    if not args.dry_run:
-        from nnunet_losses_tools.discovery import ENV_VAR, with_trainer_folder
+    from nnunet_losses_tools.discovery import ENV_VAR
 
-        environment[ENV_VAR] = with_trainer_folder(os.environ.get(ENV_VAR))
+    environment = dict(os.environ)
+    environment[ENV_VAR] = trainer_folders(os.environ.get(ENV_VAR), getattr(args, "optimizer", "sgd"))
+    print(f"export {ENV_VAR}={shlex.quote(environment[ENV_VAR])}  # set for every command below", flush=True)
     for number, step in enumerate(steps, 1):
         print(f"[{number}/{len(steps)}] {step.show()}", flush=True)
         if args.dry_run:

@@ -1,7 +1,7 @@
-"""The partial-label experiment of Tilborghs et al. on synthetic 2D data, on a CPU (20-25 minutes per task).
+"""The partial-label experiment of Tilborghs et al. on synthetic 2D data, on a CPU (10-25 minutes per task).
 
     python examples/partial_labels/synthetic_experiment.py            # both tasks, CPU
-    python examples/partial_labels/synthetic_experiment.py --tasks classes --epochs 4
+    python examples/partial_labels/synthetic_experiment.py --tasks groups --optimizer sgd
     python examples/partial_labels/synthetic_experiment.py --help
 
 Two tasks, each trained on a partially labelled dataset derived with ``nnunet-losses derive-partial``
@@ -19,7 +19,9 @@ and evaluated on held-out cases with their FULL labels (nnU-Net's own metrics, �
 
 Every trainer runs as nnU-Net's short run ``<trainer>_<E>ep_<I>it`` with nnU-Net's own commands
 (nnUNetv2_plan_and_preprocess, nnUNetv2_train, nnUNetv2_predict); the fully supervised reference is
-``nnUNetTrainerDiceI`` on the source dataset. Everything happens under --work-dir with its own
+``nnUNetTrainerDiceI`` on the source dataset. By default with Adam, the paper's optimizer
+(``<trainer>Adam``: our loss with nnU-Net's ``nnUNetTrainerVanillaAdam1en3``, see ``optimizer_choice.py``);
+``--optimizer sgd`` keeps nnU-Net's SGD, with which the heuristic ε predicts empty maps everywhere. Everything happens under --work-dir with its own
 nnUNet_raw / nnUNet_preprocessed / nnUNet_results (yours are never touched); logs go to
 <work-dir>/logs/. Finished steps are reused when the command is run again (an interrupted training
 continues with --c); delete a folder to redo its step. Results: <work-dir>/results.md and .json.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +42,8 @@ from tqdm import tqdm
 
 # the quickstart's runner: private nnU-Net folders, our trainers on nnUNet_extTrainer, one log per step
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from optimizer_choice import add_optimizer_argument, trainer_folders, trainer_name, unknown_for_optimizer  # noqa: E402
 from quickstart import Runner, plan  # noqa: E402
 
 TASKS = ("groups", "classes")
@@ -251,7 +256,8 @@ def evaluate(task: Task, predictions: Path) -> list:
 
 
 def short_run_name(trainer: str, args: argparse.Namespace) -> str:
-    return f"{trainer}_{args.epochs}ep_{args.iterations}it"
+    """``<trainer>[Adam]_<E>ep_<I>it``: nnU-Net's short run of the trainer with the chosen optimizer."""
+    return f"{trainer_name(trainer, args.optimizer)}_{args.epochs}ep_{args.iterations}it"
 
 
 def runs_of(task: Task, args: argparse.Namespace) -> List[tuple]:
@@ -288,7 +294,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     "train Dice (Φ = I, BI, heuristic ε), marginal and leaf Dice on partially labelled datasets "
                     "and a fully supervised reference, predict held-out cases and report Dice and ΔV against "
                     "their full labels, per group.",
-        epilog="Measured on a busy 2-core CPU machine: 20-25 minutes per task (4 trainings each).",
+        epilog="Measured on a busy 2-core CPU machine: 10-25 minutes per task (4 trainings each).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--work-dir", type=Path, default=Path("partial_labels_work"),
@@ -302,7 +308,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              + ", ".join(PARTIAL_TRAINERS["classes"]))
     parser.add_argument("--no-reference", dest="reference", action="store_false",
                         help=f"skip the fully supervised reference ({REFERENCE_TRAINER} on the full labels)")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per training")
+    add_optimizer_argument(parser)
+    parser.add_argument("--epochs", type=int, default=8, help="epochs per training")
     parser.add_argument("--iterations", type=int, default=60,
                         help="training iterations per epoch (validation: a fifth of it, at least 1)")
     parser.add_argument("--cases", type=int, default=24, help="training cases per task (even, at least 10)")
@@ -327,6 +334,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--size: expected at least 32 pixels, got {args.size}")
     if not 1 <= args.dataset_id <= 996:
         parser.error(f"--dataset-id: expected an ID in [1, 996] (four consecutive IDs are used), got {args.dataset_id}")
+    unknown = unknown_for_optimizer(args.trainers or (), args.optimizer)
+    if unknown:
+        parser.error(f"--trainers: expected trainers of nnunet-losses with --optimizer adam (or use --optimizer sgd), "
+                     f"got {', '.join(unknown)}")
     if args.device == "auto":
         import torch
 
@@ -345,10 +356,15 @@ def run_one(runner: Runner, task: Task, label: str, dataset, trainer: str, args:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
+    from nnunet_losses_tools.discovery import ENV_VAR
+
     args = parse_args(argv)
+    # the Runner's nnU-Net commands find our trainers and, with adam, <trainer>Adam there
+    os.environ[ENV_VAR] = trainer_folders(os.environ.get(ENV_VAR), args.optimizer)
     runner = Runner(args.work_dir.resolve())
     print(f"Working in {runner.work_dir} ({args.device}): tasks {', '.join(args.tasks)}, trainings of "
-          f"{args.epochs} epochs x {args.iterations} iterations, {args.jobs} at a time; logs in {runner.logs}")
+          f"{args.epochs} epochs x {args.iterations} iterations with {args.optimizer}, {args.jobs} at a time; "
+          f"logs in {runner.logs}")
     tasks = []
     with tqdm(total=3 * len(args.tasks), unit="step", dynamic_ncols=True, desc="datasets and plans") as progress:
         for task_name in args.tasks:
