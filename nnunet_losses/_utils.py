@@ -318,7 +318,17 @@ def _overlap_backward(probs, x, labels, target, mask, softmax: bool, grad_inters
         # probability tensor channel by channel; besides it, only (B, N) tensors are allocated
         flat_labels = labels.flatten(1)  # (B, N)
         at_label = probs.gather(1, flat_labels.unsqueeze(1)).squeeze(1)
-        at_label.mul_(g_int.gather(1, flat_labels))  # s_l g^I_l
+        # the same weight for every class of a sample (the mime with scalar a, b): one read decides
+        same_int, same_pred = (bool(v) for v in torch.stack([(g_int == g_int[:, :1]).all(),
+                                                              (g_pred == g_pred[:, :1]).all()]).tolist())
+        at_label.mul_(g_int[:, :1] if same_int else g_int.gather(1, flat_labels))  # s_l g^I_l
+        if same_pred and grad_row is None:
+            # Σ_k g^P_k s_k = g^P (the probabilities sum to 1): every channel's factor is -s_l g^I_l
+            grad = probs.mul_(at_label.neg().unsqueeze(1)).scatter_add_(1, flat_labels.unsqueeze(1),
+                                                                        at_label.unsqueeze(1))
+            if weights is not None:
+                grad.mul_(weights.unsqueeze(1))
+            return grad.view(x.shape).to(x.dtype)
         mean = torch.einsum("bcn,bc->bn", probs, g_pred).add_(at_label)  # Σ_k g_k s_k
         on_background = None
         if grad_row is not None:
@@ -461,20 +471,25 @@ def ground_truth_sums(prepared: "Prepared", num_channels: int) -> torch.Tensor:
     return sums.scatter_add_(1, labels.flatten(1), weights.flatten(1))
 
 
-def overlap_stats(x: torch.Tensor, prepared: "Prepared", activation: str, background_row: bool = False,
-                  ground_truth: Optional[torch.Tensor] = None):
-    """Per (b, c): intersection ``Σ m·y·s``, prediction ``Σ m·s``, ground truth ``Σ m·y`` (no gradient)
-    and, with ``background_row``, ``Σ m·y_0·s`` -- from the logits ``x``, see :class:`_OverlapSums`.
-    ``ground_truth``: the caller's :func:`ground_truth_sums`, when it needed them first."""
+def probability_sums(x: torch.Tensor, prepared: "Prepared", activation: str, background_row: bool = False):
+    """Per (b, c): intersection ``Σ m·y·s``, prediction ``Σ m·s`` and, with ``background_row``,
+    ``Σ m·y_0·s`` (else None) -- from the logits ``x``, see :class:`_OverlapSums`."""
     if background_row and activation != "softmax":
         raise ValueError("background_row: expected activation='softmax' (sigmoid regions have no background)")
     labels, target, mask = prepared.labels, prepared.given_target, prepared.mask
     if torch.compiler.is_compiling():  # opaque to the compiler; eager keeps the Function's single softmax
         intersection, prediction, row = _overlap_sums_op(x, labels, target, mask, activation == "softmax",
                                                          background_row)
-    else:
-        intersection, prediction, row = _OverlapSums.apply(x, labels, target, mask, activation == "softmax",
-                                                           background_row)
+        return intersection, prediction, (row if background_row else None)
+    return _OverlapSums.apply(x, labels, target, mask, activation == "softmax", background_row)
+
+
+def overlap_stats(x: torch.Tensor, prepared: "Prepared", activation: str, background_row: bool = False,
+                  ground_truth: Optional[torch.Tensor] = None):
+    """:func:`probability_sums` and the ground truth ``Σ m·y`` (no gradient): ``(I, P, G)``, or
+    ``(I, P, G, R)`` with ``background_row``. ``ground_truth``: the caller's :func:`ground_truth_sums`,
+    when it needed them first."""
+    intersection, prediction, row = probability_sums(x, prepared, activation, background_row)
     if ground_truth is None:
         ground_truth = ground_truth_sums(prepared, x.shape[1])
     if background_row:

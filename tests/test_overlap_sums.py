@@ -193,3 +193,25 @@ def test_compiled_marginal_dice_still_refuses_a_contradicting_table(make_case):
     compiled = torch.compile(MarginalDiceLoss(), backend="eager")
     with pytest.raises(RuntimeError, match="annotated: expected every class with voxels in y to be marked annotated"):
         compiled(case.x, case.labels, None, annotated)
+
+
+@pytest.mark.parametrize("mask", [False, True])
+@pytest.mark.parametrize("uniform", ["both", "intersection", "prediction"])
+def test_gradient_with_the_same_weight_for_every_class(make_case, mask, uniform):
+    """The backward's shortcut for weights equal across the classes of a sample (the mime with scalar
+    a, b: Σ_k g_k s_k = g) against plain autograd; sample 1 gets other weights than sample 0."""
+    case = make_case(spatial=(3, 4, 5), channels=4, mask=mask)
+    per_sample = torch.tensor([[0.7], [-1.3]], dtype=case.x.dtype)
+    varied = torch.tensor([[0.2, -0.4, 1.1, 0.3], [0.5, 0.5, -0.6, 2.0]], dtype=case.x.dtype)
+    w_int = per_sample if uniform in ("both", "intersection") else varied
+    w_pred = 0.4 * per_sample if uniform in ("both", "prediction") else varied.flip(1)
+    x = case.x.clone().requires_grad_(True)
+    stats = overlap_stats(x, prepare(x, case.labels, case.mask, "softmax", None), "softmax")
+    value = (w_int * stats[0]).sum() + (w_pred * stats[1]).sum()
+    x_ref = case.x.clone().requires_grad_(True)
+    s = torch.softmax(x_ref, 1)
+    m = torch.ones_like(s[:, :1]) if case.mask is None else case.mask
+    reference = (w_int * (m * case.one_hot * s).flatten(2).sum(-1)).sum() + (w_pred * (m * s).flatten(2).sum(-1)).sum()
+    (grad,) = torch.autograd.grad(value, x)
+    (grad_ref,) = torch.autograd.grad(reference, x_ref)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-12)
