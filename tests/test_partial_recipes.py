@@ -142,7 +142,13 @@ def test_experiment_runs_per_task_put_the_full_reference_first(raw, optimizer, s
 
 
 def test_experiment_defaults_to_the_papers_optimizer_and_refuses_foreign_trainers_with_it(capsys):
-    assert experiment.parse_args(["--device", "cpu"]).optimizer == "adam"
+    args = experiment.parse_args(["--device", "cpu"])
+    assert args.optimizer == "adam"
+    # the epochs each task was verified with (README), unless --epochs says otherwise
+    for task_name, name in (("groups", "nnUNetTrainerDiceIEpsAdam_8ep_60it"),
+                            ("classes", "nnUNetTrainerLeafDiceAdam_16ep_60it")):
+        task = experiment.Task(task_name, source="S", partial="P", groups=None, reported_classes=())
+        assert name in [run[2] for run in experiment.runs_of(task, args)]
     with pytest.raises(SystemExit):
         experiment.parse_args(["--device", "cpu", "--trainers", "nnUNetTrainer"])
     assert "--trainers: expected trainers of nnunet-losses with --optimizer adam (or use --optimizer sgd), got " \
