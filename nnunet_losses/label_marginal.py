@@ -137,9 +137,9 @@ def _label_marginal(x, y, loss_mask, penalty, lam, tau, activation, ignore_label
     return ce + lam * marginal_penalty(y_hat, p_hat, penalty, activation, valid)
 
 
-# The sharpened probabilities are computed (twice: forward and backward) and used slice by slice
-# along the voxels, never stored whole: on the CPU a slice of about this many elements (16 MiB in
-# float32, a few slices per batch) is measured fastest -- smaller ones multiply the operator calls,
+# The sharpened probabilities are computed slice by slice along the voxels (kept for the backward when
+# a gradient is wanted, recomputed otherwise): on the CPU a slice of about this many elements (16 MiB
+# in float32, a few slices per batch) is measured fastest -- smaller ones multiply the operator calls,
 # larger ones miss the cache and page-fault fresh memory. Elsewhere (CUDA) four slices keep the
 # temporaries at a quarter of the logits; torch.compile sees one slice.
 _CHUNK_ELEMENTS = 1 << 22
