@@ -1,12 +1,20 @@
-"""Shared fixtures of the loss tests: seeded random cases in every target form."""
+"""Shared fixtures of the tests: seeded random cases in every target form, a synthetic dataset planned
+by nnU-Net, and real DDP process groups."""
 
 from __future__ import annotations
 
+import datetime
+import json
+import socket
+import time
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 
 @dataclass
@@ -65,3 +73,99 @@ def single_threaded():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# ------------------------------------------------------------------------------------------------
+# a synthetic dataset planned and preprocessed by nnU-Net's own API
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class PlannedDataset:
+    raw: Path
+    preprocessed: Path
+    results: Path
+    name: str
+    plans: dict
+    dataset_json: dict
+
+    def environment(self) -> dict:
+        return {"nnUNet_raw": str(self.raw), "nnUNet_preprocessed": str(self.preprocessed),
+                "nnUNet_results": str(self.results)}
+
+
+@pytest.fixture(scope="session")
+def plan_synthetic_dataset():
+    """``plan(root, dataset_id, name, edit_raw=None, **dataset_options)`` -> :class:`PlannedDataset`:
+    nnU-Net folders under ``root``, a 5-case synthetic 2D dataset
+    (:func:`nnunet_losses_tools.synthetic.write_synthetic_dataset`), ``edit_raw(raw_dataset_folder)``
+    if given, then nnU-Net's fingerprint, plan and 2d preprocessing (no training)."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprint_dataset,
+        plan_experiment_dataset,
+        preprocess_dataset,
+    )
+
+    from nnunet_losses_tools.synthetic import write_synthetic_dataset
+
+    def plan(root: Path, dataset_id: int, name: str, edit_raw: Optional[Callable[[Path], None]] = None,
+             **dataset_options) -> PlannedDataset:
+        paths = {name: root / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+        with pytest.MonkeyPatch.context() as patch:
+            for variable, path in paths.items():
+                path.mkdir()
+                patch.setenv(variable, str(path))
+            dataset = write_synthetic_dataset(paths["nnUNet_raw"], dataset_id, name, num_training=5, num_test=0,
+                                              **dataset_options)
+            if edit_raw is not None:
+                edit_raw(dataset.folder)
+            extract_fingerprint_dataset(dataset_id, num_processes=1, verbose=False, show_progress_bar=False)
+            plan_experiment_dataset(dataset_id)
+            preprocess_dataset(dataset_id, configurations=("2d",), num_processes=[1], show_progress_bar=False)
+        preprocessed = paths["nnUNet_preprocessed"] / dataset.name
+        return PlannedDataset(paths["nnUNet_raw"], paths["nnUNet_preprocessed"], paths["nnUNet_results"],
+                              dataset.name, json.loads((preprocessed / "nnUNetPlans.json").read_text()),
+                              json.loads((preprocessed / "dataset.json").read_text()))
+
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------
+# real DDP process groups (gloo, CPU)
+# ------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _in_process_group(rank: int, port: int, world_size: int, group_timeout_s: float, target: Callable,
+                      arguments: tuple) -> None:
+    """One spawned rank: joins the gloo group, runs ``target(rank, *arguments)`` on one thread, leaves."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=group_timeout_s))
+    try:
+        torch.set_num_threads(1)
+        target(rank, *arguments)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def run_ddp():
+    """``run(target, *arguments, world_size=2)``: ``target(rank, *arguments)`` in ``world_size`` spawned
+    processes of one gloo process group (``target`` must be a module-level function). A failing rank
+    fails the test with its traceback; ranks that hang are killed after 180 s and the test fails."""
+
+    def run(target: Callable, *arguments, world_size: int = 2, group_timeout_s: float = 60,
+            test_timeout_s: float = 180) -> None:
+        context = mp.spawn(_in_process_group, args=(_free_port(), world_size, group_timeout_s, target, arguments),
+                           nprocs=world_size, join=False)
+        deadline = time.monotonic() + test_timeout_s
+        while not context.join(timeout=1):  # raises with the rank's traceback if a rank failed
+            if time.monotonic() > deadline:
+                for process in context.processes:  # only the processes this test spawned
+                    if process.is_alive():
+                        process.kill()
+                pytest.fail(f"DDP ranks did not finish within {test_timeout_s} s")
+
+    return run

@@ -7,21 +7,13 @@ both the process group and the test itself time out instead of hanging.
 
 from __future__ import annotations
 
-import datetime
-import socket
-import time
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from nnunet_losses import DynamicMimeLoss, PhiDiceLoss
 
 WORLD_SIZE = 2
 SAMPLES_PER_RANK = 2
-GROUP_TIMEOUT_S = 60  # a rank waiting for a dead peer gives up after this
-TEST_TIMEOUT_S = 180  # the whole spawn, start-up of both interpreters included
 
 # name -> (loss factory, whether its batch reduction is global under DDP)
 CASES = {
@@ -62,47 +54,21 @@ def value_and_grad(loss, x, y, mask):
     return value.detach(), x.grad
 
 
-def _rank_main(rank: int, port: int, output_dir: str) -> None:
+def _rank_main(rank: int, output_dir: str) -> None:
     """One DDP rank: computes every case on its two samples and saves value and input gradient."""
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S),
-    )
-    try:
-        torch.set_num_threads(1)
-        mine = slice(rank * SAMPLES_PER_RANK, (rank + 1) * SAMPLES_PER_RANK)
-        inputs = make_inputs()
-        results = {}
-        for name, (factory, _) in CASES.items():
-            x, y, mask = case_inputs(name, *inputs)
-            results[name] = value_and_grad(factory(), x[mine], y[mine], None if mask is None else mask[mine])
-        torch.save(results, f"{output_dir}/rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    mine = slice(rank * SAMPLES_PER_RANK, (rank + 1) * SAMPLES_PER_RANK)
+    inputs = make_inputs()
+    results = {}
+    for name, (factory, _) in CASES.items():
+        x, y, mask = case_inputs(name, *inputs)
+        results[name] = value_and_grad(factory(), x[mine], y[mine], None if mask is None else mask[mine])
+    torch.save(results, f"{output_dir}/rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
-def rank_results(tmp_path_factory):
+def rank_results(tmp_path_factory, run_ddp):
     output_dir = tmp_path_factory.mktemp("ddp")
-    context = mp.spawn(_rank_main, args=(free_port(), str(output_dir)), nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + TEST_TIMEOUT_S
-    # join() raises if a rank failed (with its traceback); poll so that a hang ends in a failure
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:  # only the processes this test spawned
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"DDP ranks did not finish within {TEST_TIMEOUT_S} s")
+    run_ddp(_rank_main, str(output_dir), world_size=WORLD_SIZE)
     return [torch.load(output_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
 

@@ -15,18 +15,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-    extract_fingerprint_dataset,
-    plan_experiment_dataset,
-    preprocess_dataset,
-)
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_losses import leaf_dice_loss, marginal_dice_loss
 from nnunet_losses_tools import trainer_support
 from nnunet_losses_tools.label_sets import LabelResolver, labels_in
-from nnunet_losses_tools.synthetic import FILE_ENDING, write_synthetic_dataset
+from nnunet_losses_tools.synthetic import FILE_ENDING
 from nnunet_losses_trainers import nnUNetTrainerLeafDice, nnUNetTrainerMarginalDice
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
@@ -51,23 +46,11 @@ MISSING_LABEL_TRAINERS = {"marginal": (nnUNetTrainerMarginalDice, marginal_dice_
 
 
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory):
-    """A 5-case synthetic 2D dataset planned and preprocessed by nnU-Net's own API (no training)."""
-    root = tmp_path_factory.mktemp("nnunet")
-    paths = {name: root / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    with pytest.MonkeyPatch.context() as patch:
-        for name, path in paths.items():
-            path.mkdir()
-            patch.setenv(name, str(path))
-        dataset = write_synthetic_dataset(paths["nnUNet_raw"], DATASET_ID, "LabelSets", num_training=5, num_test=0,
-                                          size=32)
-        remove_unannotated_labels(dataset.folder, LABEL_SETS)
-        extract_fingerprint_dataset(DATASET_ID, num_processes=1, verbose=False, show_progress_bar=False)
-        plan_experiment_dataset(DATASET_ID)
-        preprocess_dataset(DATASET_ID, configurations=("2d",), num_processes=[1], show_progress_bar=False)
-    preprocessed = paths["nnUNet_preprocessed"] / dataset.name
-    return paths, json.loads((preprocessed / "nnUNetPlans.json").read_text()), \
-        json.loads((preprocessed / "dataset.json").read_text())
+def planned(tmp_path_factory, plan_synthetic_dataset):
+    """A 5-case synthetic 2D dataset, partially labelled as LABEL_SETS says, planned and preprocessed by
+    nnU-Net's own API (conftest; no training)."""
+    return plan_synthetic_dataset(tmp_path_factory.mktemp("nnunet"), DATASET_ID, "LabelSets", size=32,
+                                  edit_raw=lambda folder: remove_unannotated_labels(folder, LABEL_SETS))
 
 
 def remove_unannotated_labels(raw_dataset: Path, label_sets: dict) -> None:
@@ -86,9 +69,8 @@ def remove_unannotated_labels(raw_dataset: Path, label_sets: dict) -> None:
 
 @pytest.fixture(autouse=True)
 def nnunet_env(planned, monkeypatch):
-    paths, _, _ = planned
-    for name, path in paths.items():
-        monkeypatch.setenv(name, str(path))
+    for name, value in planned.environment().items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     monkeypatch.delenv("nnUNet_compile", raising=False)
     # the table is built before nnU-Net's own start (dataloaders, logging): that part is not under test
@@ -110,11 +92,10 @@ class RecordingLoss(torch.nn.Module):
 
 def initialized_trainer(trainer_class, planned, tmp_path, label_sets=None, fold=0):
     """A trainer initialised on CPU (network, optimizer, loss), training not started."""
-    _, plans, dataset_json = planned
-    dataset_json = copy.deepcopy(dataset_json)
+    dataset_json = copy.deepcopy(planned.dataset_json)
     if label_sets is not None:
         dataset_json["annotated_labels"] = label_sets
-    plans = copy.deepcopy(plans)
+    plans = copy.deepcopy(planned.plans)
     plans["continue_training"] = False  # what nnU-Net's run_training reads from the plans
     trainer = trainer_class(plans, "2d", fold, dataset_json, torch.device("cpu"))
     trainer.log_file = str(tmp_path / f"log_{id(trainer)}.txt")
@@ -238,8 +219,7 @@ TWO_FOLDS = [{"train": ["labelsets_000", "labelsets_001"], "val": ["labelsets_00
 
 
 def preprocessed_dataset(planned) -> Path:
-    paths, plans, _ = planned
-    return paths["nnUNet_preprocessed"] / plans["dataset_name"]
+    return planned.preprocessed / planned.name
 
 
 @pytest.fixture

@@ -6,16 +6,10 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-    extract_fingerprint_dataset,
-    plan_experiment_dataset,
-    preprocess_dataset,
-)
 from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
@@ -39,7 +33,7 @@ from nnunet_losses import (
     phi_dice_loss,
 )
 from nnunet_losses_tools import trainer_support
-from nnunet_losses_tools.synthetic import IGNORE_VALUE, LABELS, REGION_LABELS, REGIONS_CLASS_ORDER, write_synthetic_dataset
+from nnunet_losses_tools.synthetic import IGNORE_VALUE, LABELS, REGION_LABELS, REGIONS_CLASS_ORDER
 from nnunet_losses_tools.trainer_support import (
     EPSILON_CHECKPOINT_KEY,
     PerScaleDeepSupervision,
@@ -71,40 +65,16 @@ NNUNET_WEIGHTS = (4 / 7, 2 / 7, 1 / 7, 0.0)
 NNUNET_WEIGHTS_DDP = tuple(w / 1.750001 for w in (1, 0.5, 0.25, 1e-6))  # DDP without compile: 1e-6, not 0
 
 
-@dataclass
-class PlannedDataset:
-    raw: Path
-    preprocessed: Path
-    results: Path
-    plans: dict
-    dataset_json: dict
-
-
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory) -> PlannedDataset:
-    """A 5-case synthetic dataset planned and preprocessed (2d) by nnU-Net's own API."""
-    root = tmp_path_factory.mktemp("nnunet")
-    paths = {name: root / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    with pytest.MonkeyPatch.context() as patch:
-        for name, path in paths.items():
-            path.mkdir()
-            patch.setenv(name, str(path))
-        dataset = write_synthetic_dataset(paths["nnUNet_raw"], DATASET_ID, "TrainerUnits", num_training=5, num_test=0)
-        extract_fingerprint_dataset(DATASET_ID, num_processes=1, verbose=False, show_progress_bar=False)
-        plan_experiment_dataset(DATASET_ID)
-        preprocess_dataset(DATASET_ID, configurations=("2d",), num_processes=[1], show_progress_bar=False)
-    preprocessed = paths["nnUNet_preprocessed"] / dataset.name
-    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
-    dataset_json = json.loads((preprocessed / "dataset.json").read_text())
-    return PlannedDataset(paths["nnUNet_raw"], paths["nnUNet_preprocessed"], paths["nnUNet_results"], plans,
-                          dataset_json)
+def planned(tmp_path_factory, plan_synthetic_dataset):
+    """A 5-case synthetic dataset planned and preprocessed (2d) by nnU-Net's own API (conftest)."""
+    return plan_synthetic_dataset(tmp_path_factory.mktemp("nnunet"), DATASET_ID, "TrainerUnits")
 
 
 @pytest.fixture(autouse=True)
 def nnunet_env(planned, monkeypatch):
-    monkeypatch.setenv("nnUNet_raw", str(planned.raw))
-    monkeypatch.setenv("nnUNet_preprocessed", str(planned.preprocessed))
-    monkeypatch.setenv("nnUNet_results", str(planned.results))
+    for name, value in planned.environment().items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     monkeypatch.delenv("nnUNet_compile", raising=False)
 
@@ -119,7 +89,7 @@ DATASET_KINDS = {
 }
 
 
-def dataset_json_of(planned: PlannedDataset, kind: str) -> dict:
+def dataset_json_of(planned, kind: str) -> dict:
     dataset_json = copy.deepcopy(planned.dataset_json)
     dataset_json["labels"] = DATASET_KINDS[kind]
     if kind.startswith("regions"):
@@ -127,7 +97,7 @@ def dataset_json_of(planned: PlannedDataset, kind: str) -> dict:
     return dataset_json
 
 
-def build_trainer(trainer_class, planned: PlannedDataset, kind: str = "labels") -> nnUNetTrainer:
+def build_trainer(trainer_class, planned, kind: str = "labels") -> nnUNetTrainer:
     plans = copy.deepcopy(planned.plans)
     plans["continue_training"] = False
     return trainer_class(plans, "2d", 0, dataset_json_of(planned, kind), torch.device("cpu"))
