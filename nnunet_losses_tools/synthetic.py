@@ -79,17 +79,32 @@ def synthetic_case(rng: np.random.Generator, size: int = 64, lesion_probability:
         ly, lx = cy + offset * np.sin(angle), cx + offset * np.cos(angle)
         labels[(yy - ly) ** 2 + (xx - lx) ** 2 <= lesion_radius**2] = 2
 
-    # a thin vertical bar on the side of the image the organ leaves free
-    width = max(2, int(round(0.05 * size)))
-    column = int(rng.integers(2, size // 4)) if cx > size / 2 else int(rng.integers(3 * size // 4, size - width - 2))
-    top = int(rng.integers(2, size // 4))
+    add_bar(rng, labels, cx, value=3, width_fraction=0.05, side_divisor=4, top_divisor=4)
+    return noisy_image(rng, labels, INTENSITIES, noise=0.35), labels
+
+
+def add_bar(rng: np.random.Generator, labels: np.ndarray, object_column: float, value: int, width_fraction: float,
+            side_divisor: int, top_divisor: int) -> None:
+    """Draw a thin vertical bar of ``value``, half the image tall, into the background of a square label
+    map, on the side the object centred at ``object_column`` leaves free: within ``size // side_divisor``
+    of that edge, its top within ``size // top_divisor`` of the upper edge."""
+    size = labels.shape[0]
+    width = max(2, int(round(width_fraction * size)))
+    if object_column > size / 2:
+        column = int(rng.integers(2, size // side_divisor))
+    else:
+        column = int(rng.integers((side_divisor - 1) * size // side_divisor, size - width - 2))
+    top = int(rng.integers(2, size // top_divisor))
     bar = np.zeros_like(labels, dtype=bool)
     bar[top: top + size // 2, column: column + width] = True
-    labels[bar & (labels == 0)] = 3
+    labels[bar & (labels == 0)] = value
 
-    image = np.asarray(INTENSITIES, dtype=np.float32)[labels]
-    image += rng.normal(0.0, 0.35, size=image.shape).astype(np.float32)
-    return image, labels
+
+def noisy_image(rng: np.random.Generator, labels: np.ndarray, intensities, noise: float) -> np.ndarray:
+    """The float32 image of a label map: each label's intensity plus Gaussian noise of std ``noise``."""
+    image = np.asarray(intensities, dtype=np.float32)[labels]
+    image += rng.normal(0.0, noise, size=image.shape).astype(np.float32)
+    return image
 
 
 def _write(array: np.ndarray, path: Path) -> None:

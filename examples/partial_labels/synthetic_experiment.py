@@ -101,6 +101,8 @@ def blob_case(rng: np.random.Generator, size: int, group: str):
 
 def ring_case(rng: np.random.Generator, size: int):
     """One ``(image, labels)`` of the classes task: disc (1) inside a ring (2), a bar (3) beside them."""
+    from nnunet_losses_tools.synthetic import add_bar, noisy_image
+
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
     inner = rng.uniform(0.08, 0.13) * size
     width = rng.uniform(0.05, 0.08) * size
@@ -110,16 +112,8 @@ def ring_case(rng: np.random.Generator, size: int):
     labels = np.zeros((size, size), dtype=np.uint8)
     labels[distance <= outer] = 2
     labels[distance <= inner] = 1
-    bar_width = max(2, int(round(0.06 * size)))
-    # on the side the ring leaves free
-    column = int(rng.integers(2, size // 5)) if cx > size / 2 else int(rng.integers(4 * size // 5, size - bar_width - 2))
-    top = int(rng.integers(2, size // 3))
-    bar = np.zeros_like(labels, dtype=bool)
-    bar[top: top + size // 2, column: column + bar_width] = True
-    labels[bar & (labels == 0)] = 3
-    image = np.asarray(CLASS_INTENSITIES, dtype=np.float32)[labels]
-    image += rng.normal(0.0, NOISE, size=image.shape).astype(np.float32)
-    return image, labels
+    add_bar(rng, labels, cx, value=3, width_fraction=0.06, side_divisor=5, top_divisor=3)
+    return noisy_image(rng, labels, CLASS_INTENSITIES, NOISE), labels
 
 
 def write_task_dataset(raw_folder: Path, dataset_id: int, task: str, num_training: int, num_test: int,
