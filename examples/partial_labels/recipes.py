@@ -259,24 +259,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         recipe.add_argument("--work-dir", default="partial_label_recipes",
                             help="folder for the case lists, group files and reports (default ./partial_label_recipes)")
 
+    def partial_label_options(recipe: argparse.ArgumentParser, source_id: int, target_id: int) -> None:
+        """The options of the two partial-label recipes (Tilborghs et al.): dataset ids and optimizer."""
+        recipe.add_argument("--source-id", type=int, default=source_id, help="dataset id of the converted (full) data")
+        recipe.add_argument("--target-id", type=int, default=target_id, help="dataset id of the derived partial dataset")
+        common(recipe)
+        add_optimizer_argument(recipe)
+
     acdc = sub.add_parser("acdc", help="ACDC without the myocardium at end-systole (Tilborghs et al.)",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     acdc.add_argument("--acdc-folder", required=True,
                       help="the extracted ACDC download, with 'training' (patientXXX/Info.cfg) and 'testing'")
-    acdc.add_argument("--source-id", type=int, default=27, help="dataset id of the converted (full) ACDC")
-    acdc.add_argument("--target-id", type=int, default=527, help="dataset id of the derived partial dataset")
-    common(acdc)
-    add_optimizer_argument(acdc)
+    partial_label_options(acdc, source_id=27, target_id=527)
     brats = sub.add_parser("brats", help="BRATS whole tumour with the low-grade cases emptied (Tilborghs et al.)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     brats.add_argument("--msd-folder", required=True, help="the Decathlon's Task01_BrainTumour folder")
     brats.add_argument("--lgg-cases", required=True,
                        help="file with the low-grade cases' identifiers (BRATS_XXX), one per line; the Decathlon "
                             "does not record the grade, the BraTS 2017/2018 release (its LGG folder) does")
-    brats.add_argument("--source-id", type=int, default=501, help="dataset id of the converted (full) task")
-    brats.add_argument("--target-id", type=int, default=502, help="dataset id of the derived partial dataset")
-    common(brats)
-    add_optimizer_argument(brats)
+    partial_label_options(brats, source_id=501, target_id=502)
     marginal = sub.add_parser("label-marginal", help="CE vs CE+L1 vs CE+KL on a Decathlon task (Liu et al.)",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     marginal.add_argument("--msd-folder", required=True, help="a Decathlon task folder: Task07_Pancreas or Task03_Liver")
