@@ -212,15 +212,7 @@ MAX_CASES_IN_MESSAGE = 20
 
 
 def _values_in(block: np.ndarray) -> set[int]:
-    """The distinct values of an array: a bincount over the (unsigned view of) 8/16-bit integers, the
-    segmentation dtypes nnU-Net saves (int8 with -1 outside the nonzero mask), ``np.unique`` otherwise."""
-    block = np.ascontiguousarray(block).reshape(-1)
-    if block.dtype.kind in "iu" and block.dtype.itemsize <= 2:
-        bits = 8 * block.dtype.itemsize
-        values = np.flatnonzero(np.bincount(block.view(f"u{block.dtype.itemsize}"), minlength=1))
-        if block.dtype.kind == "i":  # two's complement: the upper half of the unsigned view is negative
-            values = np.where(values >= 2 ** (bits - 1), values - 2**bits, values)
-        return {int(v) for v in values}
+    """The distinct values of an array (nnU-Net's int8 maps have -1 outside the nonzero mask)."""
     return {int(v) for v in np.unique(block)}
 
 
