@@ -106,12 +106,35 @@ def test_probabilities_are_kept_until_the_backward_consumes_them(make_case):
     assert node.probs is None
 
 
-def test_nothing_is_kept_without_a_gradient(make_case):
+def test_probabilities_are_freed_when_no_gradient_is_wanted_and_after_the_backward(make_case, monkeypatch):
+    """The forward's probabilities are never kept past the call when no gradient is wanted (validation,
+    inference), and are released by the backward that consumes them."""
+    import weakref
+
+    from nnunet_losses import _utils
+
+    alive = []
+    original = _utils._overlap_forward
+
+    def spy(*arguments):
+        result = original(*arguments)
+        alive.append(weakref.ref(result[3]))  # the probabilities the Function could keep
+        return result
+
+    monkeypatch.setattr(_utils, "_overlap_forward", spy)
     case = make_case(spatial=(4, 5), channels=3)
-    loss = MimeLoss()(case.x, case.labels)  # logits without requires_grad: validation, inference
-    assert loss.grad_fn is None
+    x = case.x.clone().requires_grad_(True)
     with torch.no_grad():
-        assert MarginalDiceLoss()(case.x.clone().requires_grad_(True), case.labels).grad_fn is None
+        MarginalDiceLoss()(x, case.labels)  # logits that require grad, under no_grad
+    MimeLoss()(case.x, case.labels)  # logits without requires_grad
+    assert len(alive) == 2 and all(ref() is None for ref in alive)
+
+    loss = PhiDiceLoss("I")(x, case.labels)
+    assert alive[-1]() is not None  # kept for the backward
+    (grad,) = torch.autograd.grad(loss, x)
+    assert grad.abs().sum() > 0
+    del grad, loss  # the gradient was written into them: gone with it and the graph
+    assert alive[-1]() is None
 
 
 # ------------------------------------------------------------------------------------------------
