@@ -1,7 +1,7 @@
 """Every trainer of nnunet-losses with Adam instead of nnU-Net's SGD: ``<trainer>Adam``, e.g.
 ``nnUNetTrainerDiceIEpsAdam``. The partial-label experiment trains with these by default
 (``synthetic_experiment.py --optimizer adam``): Tilborghs et al. start from No New-Net's training
-setup, which uses Adam, and the heuristic ε needs it (see the README of this folder's parent).
+setup, which uses Adam, and the heuristic ε needs it (see optimizer_choice.py and the project README).
 
 Nothing is rewritten: each class combines our trainer (its ``_build_loss``) with nnU-Net's own
 ``nnUNetTrainerVanillaAdam1en3`` (its ``configure_optimizers``: Adam, lr 1e-3, nnU-Net's poly
