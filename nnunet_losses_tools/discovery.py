@@ -36,10 +36,10 @@ def trainer_folder() -> str:
     return os.path.abspath(list(spec.submodule_search_locations)[0])
 
 
-def with_trainer_folder(current: Optional[str]) -> str:
-    """``current`` (a value of ``nnUNet_extTrainer``, may be None or empty) with our folder appended
-    (``os.pathsep``-separated), unless it is already there."""
-    folder = trainer_folder()
+def with_trainer_folder(current: Optional[str], folder: Optional[str] = None) -> str:
+    """``current`` (a value of ``nnUNet_extTrainer``, may be None or empty) with ``folder`` (default: our
+    trainer folder) appended (``os.pathsep``-separated), unless it is already there."""
+    folder = trainer_folder() if folder is None else os.path.abspath(folder)
     paths = [p for p in (current or "").split(os.pathsep) if p.strip()]
     if any(os.path.abspath(p) == folder for p in paths):
         return os.pathsep.join(paths)

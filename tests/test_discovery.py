@@ -99,6 +99,10 @@ def test_append_keeps_existing_folders_and_never_repeats_ours(monkeypatch):
     assert discovery.with_trainer_folder("") == ours
     assert discovery.with_trainer_folder(os.pathsep.join(["/a", "/b"])) == os.pathsep.join(["/a", "/b", ours])
     assert discovery.with_trainer_folder(os.pathsep.join([ours, "/a"])) == os.pathsep.join([ours, "/a"])
+    # another folder (e.g. your own trainers) the same way, given relative or absolute
+    mine = os.path.abspath("my_trainers")
+    assert discovery.with_trainer_folder("/a", "my_trainers") == os.pathsep.join(["/a", mine])
+    assert discovery.with_trainer_folder(os.pathsep.join(["/a", mine]), mine) == os.pathsep.join(["/a", mine])
 
 
 def test_enable_trainers_works_after_nnunet_was_imported(clean_ext_trainer):

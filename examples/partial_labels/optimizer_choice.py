@@ -11,7 +11,6 @@ behaviour. ``adam`` trains ``<trainer>Adam`` of ``paper_optimizer/`` (our loss +
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Iterable, List, Optional
 
@@ -46,7 +45,4 @@ def trainer_folders(current: Optional[str], optimizer: str) -> str:
     from nnunet_losses_tools.discovery import with_trainer_folder
 
     value = with_trainer_folder(current)
-    folders = [p for p in value.split(os.pathsep) if p.strip()]
-    if optimizer == "adam" and str(ADAM_TRAINER_FOLDER) not in folders:
-        folders.append(str(ADAM_TRAINER_FOLDER))
-    return os.pathsep.join(folders)
+    return with_trainer_folder(value, str(ADAM_TRAINER_FOLDER)) if optimizer == "adam" else value
