@@ -324,24 +324,21 @@ def _overlap_backward(probs, x, labels, target, mask, softmax: bool, grad_inters
         at_label.mul_(g_int[:, :1] if same_int else g_int.gather(1, flat_labels))  # s_l g^I_l
         if same_pred and grad_row is None:
             # Σ_k g^P_k s_k = g^P (the probabilities sum to 1): every channel's factor is -s_l g^I_l
-            grad = probs.mul_(at_label.neg().unsqueeze(1)).scatter_add_(1, flat_labels.unsqueeze(1),
-                                                                        at_label.unsqueeze(1))
-            if weights is not None:
-                grad.mul_(weights.unsqueeze(1))
-            return grad.view(x.shape).to(x.dtype)
-        mean = torch.einsum("bcn,bc->bn", probs, g_pred).add_(at_label)  # Σ_k g_k s_k
-        on_background = None
-        if grad_row is not None:
-            g_row = grad_row.to(dtype)
-            on_background = _background_weights(flat_labels, None, dtype)
-            mean.addcmul_(on_background, torch.einsum("bcn,bc->bn", probs, g_row))
-        factor = torch.empty_like(mean)  # one buffer for every channel
-        for channel in range(probs.shape[1]):
-            torch.sub(g_pred[:, channel:channel + 1], mean, out=factor)
-            if on_background is not None:
-                factor.addcmul_(on_background, g_row[:, channel:channel + 1])
-            probs[:, channel].mul_(factor)
-        del mean, factor, on_background
+            probs.mul_(at_label.neg().unsqueeze(1))
+        else:
+            mean = torch.einsum("bcn,bc->bn", probs, g_pred).add_(at_label)  # Σ_k g_k s_k
+            on_background = None
+            if grad_row is not None:
+                g_row = grad_row.to(dtype)
+                on_background = _background_weights(flat_labels, None, dtype)
+                mean.addcmul_(on_background, torch.einsum("bcn,bc->bn", probs, g_row))
+            factor = torch.empty_like(mean)  # one buffer for every channel
+            for channel in range(probs.shape[1]):
+                torch.sub(g_pred[:, channel:channel + 1], mean, out=factor)
+                if on_background is not None:
+                    factor.addcmul_(on_background, g_row[:, channel:channel + 1])
+                probs[:, channel].mul_(factor)
+            del mean, factor, on_background
         grad = probs.scatter_add_(1, flat_labels.unsqueeze(1), at_label.unsqueeze(1))
     else:
         # one-hot / region targets: g itself is the one other logits-sized tensor
