@@ -87,9 +87,13 @@ class PlannedDataset:
     plans: dict
     dataset_json: dict
 
-    def environment(self) -> dict:
-        return {"nnUNet_raw": str(self.raw), "nnUNet_preprocessed": str(self.preprocessed),
-                "nnUNet_results": str(self.results)}
+    def use(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """nnU-Net's folders for one test, single-process data loading, no compile."""
+        for name, path in (("nnUNet_raw", self.raw), ("nnUNet_preprocessed", self.preprocessed),
+                           ("nnUNet_results", self.results)):
+            monkeypatch.setenv(name, str(path))
+        monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+        monkeypatch.delenv("nnUNet_compile", raising=False)
 
 
 @pytest.fixture(scope="session")

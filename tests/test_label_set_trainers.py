@@ -69,10 +69,7 @@ def remove_unannotated_labels(raw_dataset: Path, label_sets: dict) -> None:
 
 @pytest.fixture(autouse=True)
 def nnunet_env(planned, monkeypatch):
-    for name, value in planned.environment().items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    monkeypatch.delenv("nnUNet_compile", raising=False)
+    planned.use(monkeypatch)
     # the table is built before nnU-Net's own start (dataloaders, logging): that part is not under test
     monkeypatch.setattr(nnUNetTrainer, "on_train_start", lambda self: None)
 

@@ -73,10 +73,7 @@ def planned(tmp_path_factory, plan_synthetic_dataset):
 
 @pytest.fixture(autouse=True)
 def nnunet_env(planned, monkeypatch):
-    for name, value in planned.environment().items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    monkeypatch.delenv("nnUNet_compile", raising=False)
+    planned.use(monkeypatch)
 
 
 # the dataset kinds a trainer may meet: label values 0-3 (4 softmax outputs) or 3 sigmoid regions,
