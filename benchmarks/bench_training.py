@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Iterations per second of ``nnUNetv2_train`` with each of our trainers against ``nnUNetTrainer``.
 
-Generates one synthetic 2D dataset (``nnunet_losses_tools.synthetic``), plans and preprocesses it
+Generates one synthetic 2D dataset (``nnunet_losses.commands.synthetic``), plans and preprocesses it
 with ``nnUNetv2_plan_and_preprocess``, then trains every trainer with nnU-Net's own
 ``nnUNetv2_train`` as a short run (``<trainer>_<E>ep_<I>it``: E epochs of I iterations) on the same
 device. The runs are interleaved (one run of every trainer per round, the order rotated from round
@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 
 from tqdm import tqdm
 
-from nnunet_losses_trainers import TRAINER_NAMES
+from nnunet_losses.trainers import TRAINER_NAMES
 
 from _common import describe_machine, machine_info, markdown_table, median, write_json
 
@@ -57,7 +57,7 @@ def nnunet_command(name: str) -> str:
 
 def nnunet_environment(work: Path, results: Path, data_augmentation_workers: Optional[int]) -> dict:
     """nnU-Net's folders and our trainer folder (``nnUNet_extTrainer``) for the child processes."""
-    from nnunet_losses_tools.discovery import with_trainer_folder
+    from nnunet_losses.training.discovery import with_trainer_folder
 
     env = dict(os.environ)
     env.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
@@ -85,7 +85,7 @@ def run_logged(command: Sequence[str], env: dict, log: Path) -> None:
 
 def prepare_dataset(work: Path, size: int, cases: int, planning_processes: int) -> None:
     """Write the synthetic dataset and run nnU-Net's planning and preprocessing (once per work folder)."""
-    from nnunet_losses_tools.synthetic import write_synthetic_dataset
+    from nnunet_losses.commands.synthetic import write_synthetic_dataset
 
     marker = work / "preprocessed.done"
     if marker.exists():
@@ -110,7 +110,7 @@ def missing_trainers(names: Sequence[str]) -> list[str]:
     """The trainer names nnU-Net cannot find (its own folder, then ``nnUNet_extTrainer``)."""
     import io
 
-    from nnunet_losses_tools.discovery import enable_trainers
+    from nnunet_losses.training.discovery import enable_trainers
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     enable_trainers()

@@ -73,7 +73,7 @@ class Runner:
     """Runs nnU-Net commands with the quickstart's private nnU-Net folders, one log file per step."""
 
     def __init__(self, work_dir: Path):
-        from nnunet_losses_tools.discovery import ENV_VAR, with_trainer_folder
+        from nnunet_losses.training.discovery import ENV_VAR, with_trainer_folder
 
         self.work_dir = work_dir
         self.raw, self.preprocessed, self.results = (work_dir / n for n in
@@ -108,7 +108,7 @@ class Runner:
 
 def prepare_dataset(runner: Runner, args: argparse.Namespace):
     """The synthetic dataset: written once, reused afterwards."""
-    from nnunet_losses_tools.synthetic import SyntheticDataset, dataset_name, write_synthetic_dataset
+    from nnunet_losses.commands.synthetic import SyntheticDataset, dataset_name, write_synthetic_dataset
 
     name = dataset_name(args.dataset_id, DATASET_NAME)
     folder = runner.raw / name
@@ -180,7 +180,7 @@ def evaluate(runner: Runner, dataset, predictions: Path) -> dict:
 
 def report(runner: Runner, dataset, trainers: Sequence[str]) -> Path:
     """The comparison report (tables, training curves, calibration, gradient maps) of the trained models."""
-    from nnunet_losses_tools.report import write_report
+    from nnunet_losses.commands.report import write_report
 
     folders = [runner.results / dataset.name / f"{trainer}__nnUNetPlans__2d" / "fold_0" for trainer in trainers]
     out_dir = runner.work_dir / "report"

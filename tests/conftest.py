@@ -100,7 +100,7 @@ class PlannedDataset:
 def plan_synthetic_dataset():
     """``plan(root, dataset_id, name, edit_raw=None, **dataset_options)`` -> :class:`PlannedDataset`:
     nnU-Net folders under ``root``, a 5-case synthetic 2D dataset
-    (:func:`nnunet_losses_tools.synthetic.write_synthetic_dataset`), ``edit_raw(raw_dataset_folder)``
+    (:func:`nnunet_losses.commands.synthetic.write_synthetic_dataset`), ``edit_raw(raw_dataset_folder)``
     if given, then nnU-Net's fingerprint, plan and 2d preprocessing (no training)."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
         extract_fingerprint_dataset,
@@ -108,7 +108,7 @@ def plan_synthetic_dataset():
         preprocess_dataset,
     )
 
-    from nnunet_losses_tools.synthetic import write_synthetic_dataset
+    from nnunet_losses.commands.synthetic import write_synthetic_dataset
 
     def plan(root: Path, dataset_id: int, name: str, edit_raw: Optional[Callable[[Path], None]] = None,
              **dataset_options) -> PlannedDataset:

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 import nnunet_losses
-from nnunet_losses._utils import PHIS
-from nnunet_losses.label_marginal import PENALTIES
+from nnunet_losses.losses._options import PHIS
+from nnunet_losses.losses.label_marginal import PENALTIES
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

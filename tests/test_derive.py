@@ -14,9 +14,9 @@ from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-from nnunet_losses_tools.cli import build_parser, main
-from nnunet_losses_tools.derive import derive_partial_dataset
-from nnunet_losses_tools.label_sets import AnnotatedTable, validate_annotated_labels
+from nnunet_losses.commands.cli import build_parser, main
+from nnunet_losses.commands.derive import derive_partial_dataset
+from nnunet_losses.training.label_sets import AnnotatedTable, validate_annotated_labels
 
 ACDC_LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
 BRATS_LABELS = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3}

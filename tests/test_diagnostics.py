@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import nnunet_losses as losses
-from nnunet_losses_tools import cli
-from nnunet_losses_tools import diagnostics as diag
+from nnunet_losses.commands import cli
+from nnunet_losses.commands import gradients as diag
 
 # A 1 x 8 image, one foreground class. y = 1 on the first three pixels.
 #   s = [0.9, 0.8, 0.6, 0.3, 0.2, 0.1, 0.1, 0.05]

@@ -20,10 +20,10 @@ from nnunetv2.utilities.file_path_utilities import convert_identifier_to_trainer
 from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-from nnunet_losses_tools import discovery
-from nnunet_losses_tools.cli import main
-from nnunet_losses_tools.trainer_support import SHORT_RUN_PATTERN, make_short_run_trainer, short_run_trainer
-from nnunet_losses_trainers import TRAINER_NAMES, nnUNetTrainerMime
+from nnunet_losses.training import discovery
+from nnunet_losses.commands.cli import main
+from nnunet_losses.training.short_runs import SHORT_RUN_PATTERN, make_short_run_trainer, short_run_trainer
+from nnunet_losses.trainers import TRAINER_NAMES, nnUNetTrainerMime
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 NNUNET_TRAINER_FOLDER = Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer"
@@ -77,7 +77,7 @@ def test_readme_subclass_recipe_in_a_folder_of_your_own(monkeypatch, tmp_path):
     mine = tmp_path / "my_trainers"
     mine.mkdir()
     (mine / "my_mime.py").write_text(
-        "from nnunet_losses_trainers import nnUNetTrainerMime\n"
+        "from nnunet_losses.trainers import nnUNetTrainerMime\n"
         "class nnUNetTrainerMimeA15(nnUNetTrainerMime):\n"
         "    a = 1.5\n")
     monkeypatch.setenv(discovery.ENV_VAR, discovery.with_trainer_folder(None) + os.pathsep + str(mine))
@@ -191,7 +191,7 @@ def test_wheel_ships_the_trainer_folder_and_every_package(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     shipped = set(zipfile.ZipFile(wheel).namelist())
     for module in (REPOSITORY / "trainers").glob("*.py"):
-        assert f"nnunet_losses_trainers/{module.name}" in shipped
+        assert f"nnunet_losses/trainers/{module.name}" in shipped
     # every package of the checkout (a folder with __init__.py) is in the wheel, with all its modules
     for init in REPOSITORY.glob("nnunet_losses*/**/__init__.py"):
         package = init.parent.relative_to(REPOSITORY)

@@ -21,7 +21,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_losses_tools.synthetic import write_synthetic_dataset
+from nnunet_losses.commands.synthetic import write_synthetic_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ LABELS_ID, REGIONS_ID = 951, 952
 COMMAND_TIMEOUT_S = 900
 PREDICT_IN_PYTHON = """
 import sys, torch
-from nnunet_losses_tools.discovery import enable_trainers
+from nnunet_losses.training.discovery import enable_trainers
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 enable_trainers()
 predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)

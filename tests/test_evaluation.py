@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from nnunet_losses_tools import cli
-from nnunet_losses_tools import evaluation as ev
+from nnunet_losses.commands import cli
+from nnunet_losses.commands import evaluation as ev
 
 # ----------------------------------------------------------------------------------------------
 # files in nnU-Net's format (shared with test_report.py)

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import nnunet_losses.label_marginal as label_marginal
+import nnunet_losses.losses.label_marginal as label_marginal
 from nnunet_losses import label_marginal_loss
-from nnunet_losses._utils import prepare
-from nnunet_losses.label_marginal import _CrossEntropyAndMarginals
+from nnunet_losses.losses._inputs import prepare
+from nnunet_losses.losses.label_marginal import _CrossEntropyAndMarginals
 
 TOLERANCE = dict(rtol=1e-10, atol=1e-12)
 SHAPE = (3, 4, 5, 6, 7)  # B, C, D, H, W

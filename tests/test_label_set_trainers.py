@@ -19,17 +19,17 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_losses import leaf_dice_loss, marginal_dice_loss
-from nnunet_losses_tools import trainer_support
-from nnunet_losses_tools.label_sets import LabelResolver, labels_in
-from nnunet_losses_tools.synthetic import FILE_ENDING
-from nnunet_losses_trainers import nnUNetTrainerLeafDice, nnUNetTrainerMarginalDice
+from nnunet_losses.training import missing_label_trainer
+from nnunet_losses.training.label_sets import LabelResolver, labels_in
+from nnunet_losses.commands.synthetic import FILE_ENDING
+from nnunet_losses.trainers import nnUNetTrainerLeafDice, nnUNetTrainerMarginalDice
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
 NNUNET_ON_TRAIN_START = nnUNetTrainer.on_train_start  # the real one, for the tests that run it
 
 DATASET_ID = 943
-# labels: background 0, organ 1, lesion 2, vessel 3 (nnunet_losses_tools.synthetic.LABELS); with seed 0
+# labels: background 0, organ 1, lesion 2, vessel 3 (nnunet_losses.commands.synthetic.LABELS); with seed 0
 # every generated case has organ and vessel, all but labelsets_003 a lesion. The fixture sets the labels
 # these sets leave out to background in the raw maps, as a partially labelled dataset has them.
 LABEL_SETS = {"labelsets_001": ["organ"], "labelsets_003": [], "labelsets_004": ["vessel", 1]}
@@ -277,7 +277,7 @@ def test_only_partially_annotated_cases_are_read(planned, tmp_path, monkeypatch)
 
 def test_without_label_sets_no_label_map_is_read(planned, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(trainer_support, "check_label_maps", lambda *args, **kwargs: calls.append(args) or [])
+    monkeypatch.setattr(missing_label_trainer, "check_label_maps", lambda *args, **kwargs: calls.append(args) or [])
     started_trainer(nnUNetTrainerLeafDice, planned, tmp_path, label_sets=None)
     assert calls == []
     started_trainer(nnUNetTrainerLeafDice, planned, tmp_path, LABEL_SETS)  # the same spy sees a dataset with sets

@@ -10,8 +10,8 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, nn
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from nnunet_losses import LeafDiceLoss, MarginalDiceLoss
-from nnunet_losses_tools import label_sets as label_sets_module
-from nnunet_losses_tools.label_sets import AnnotatedTable, check_label_maps, labels_in, validate_annotated_labels
+from nnunet_losses.training import label_sets as label_sets_module
+from nnunet_losses.training.label_sets import AnnotatedTable, check_label_maps, labels_in, validate_annotated_labels
 
 CASES = ["case_a", "case_b", "case_c", "case_d"]
 

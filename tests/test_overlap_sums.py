@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from nnunet_losses import MarginalDiceLoss, MimeLoss, PhiDiceLoss
-from nnunet_losses._utils import overlap_stats, prepare
+from nnunet_losses.losses._inputs import prepare
+from nnunet_losses.losses._overlap_sums import overlap_stats
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
@@ -111,7 +112,7 @@ def test_probabilities_are_freed_when_no_gradient_is_wanted_and_after_the_backwa
     inference), and are released by the backward that consumes them."""
     import weakref
 
-    from nnunet_losses import _utils
+    from nnunet_losses.losses import _overlap_sums as _utils
 
     alive = []
     original = _utils._overlap_forward
@@ -160,7 +161,7 @@ def test_overlap_sums_operator_passes_opcheck(make_case):
 
 
 def test_overlap_sums_operator_equals_the_function(make_case):
-    from nnunet_losses._utils import _OverlapSums, _overlap_sums_op
+    from nnunet_losses.losses._overlap_sums import _OverlapSums, _overlap_sums_op
 
     for x, labels, target, mask, softmax, row in operator_cases(make_case):
         x_op, x_fn = x.clone().requires_grad_(True), x.clone().requires_grad_(True)

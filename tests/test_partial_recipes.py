@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_losses_tools import cli
+from nnunet_losses.commands import cli
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "partial_labels"
 
@@ -164,15 +164,15 @@ def test_adam_trainers_are_found_by_nnunet_and_combine_our_loss_with_nnunets_ada
         nnUNetTrainerVanillaAdam, nnUNetTrainerVanillaAdam1en3)
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    import nnunet_losses_trainers
-    from nnunet_losses_tools.discovery import ENV_VAR
+    import nnunet_losses.trainers
+    from nnunet_losses.training.discovery import ENV_VAR
 
     monkeypatch.setenv(ENV_VAR, optimizer_choice.trainer_folders(None, "adam"))
     assert optimizer_choice.trainer_folders(None, "sgd").split(os.pathsep) == [
         p for p in os.environ[ENV_VAR].split(os.pathsep) if p != str(optimizer_choice.ADAM_TRAINER_FOLDER)]
-    for name in nnunet_losses_trainers.TRAINER_NAMES:
+    for name in nnunet_losses.trainers.TRAINER_NAMES:
         found = recursive_find_trainer_class_by_name(name + "Adam")
-        ours = getattr(nnunet_losses_trainers, name)
+        ours = getattr(nnunet_losses.trainers, name)
         assert found.__name__ == name + "Adam"
         assert found.__mro__[1] is ours and nnUNetTrainerVanillaAdam1en3 in found.__mro__
         assert found._build_loss is ours._build_loss

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_losses_tools import cli
-from nnunet_losses_tools.report import load_training_log, write_report
+from nnunet_losses.commands import cli
+from nnunet_losses.commands.report import load_training_log, write_report
 from test_evaluation import (
     DATASET_JSON,
     PREDICTIONS,

@@ -32,18 +32,17 @@ from nnunet_losses import (
     negative_mime_loss,
     phi_dice_loss,
 )
-from nnunet_losses_tools import trainer_support
-from nnunet_losses_tools.synthetic import IGNORE_VALUE, LABELS, REGION_LABELS, REGIONS_CLASS_ORDER
-from nnunet_losses_tools.trainer_support import (
-    EPSILON_CHECKPOINT_KEY,
+from nnunet_losses.training.checkpoint import add_to_checkpoint
+from nnunet_losses.commands.synthetic import IGNORE_VALUE, LABELS, REGION_LABELS, REGIONS_CLASS_ORDER
+from nnunet_losses.training.heuristic_epsilon import EPSILON_CHECKPOINT_KEY, estimate_heuristic_epsilon
+from nnunet_losses.training.loss_assembly import (
     PerScaleDeepSupervision,
     RegionIgnoreChannel,
     TrainerLossCall,
     deep_supervision_weights,
-    estimate_heuristic_epsilon,
-    make_short_run_trainer,
 )
-from nnunet_losses_trainers import (
+from nnunet_losses.training.short_runs import make_short_run_trainer
+from nnunet_losses.trainers import (
     TRAINER_NAMES,
     nnUNetTrainerCEKL,
     nnUNetTrainerCEL1,
@@ -545,7 +544,7 @@ def test_add_to_checkpoint_writes_nothing_when_checkpointing_is_disabled(planned
     trainer = build_trainer(nnUNetTrainerDiceIEps, planned)
     trainer.disable_checkpointing = True
     target = tmp_path / "none.pth"
-    trainer_support.add_to_checkpoint(trainer, str(target), EPSILON_CHECKPOINT_KEY, [[1.0]])
+    add_to_checkpoint(trainer, str(target), EPSILON_CHECKPOINT_KEY, [[1.0]])
     assert not target.exists() and not (tmp_path / "none.pth.partial").exists()
 
 

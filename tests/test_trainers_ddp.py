@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nnunet_losses_tools.trainer_support import estimate_heuristic_epsilon
+from nnunet_losses.training.heuristic_epsilon import estimate_heuristic_epsilon
 
 WORLD_SIZE = 2
 

@@ -1,4 +1,4 @@
-"""The synthetic datasets of nnunet_losses_tools.synthetic: valid for nnU-Net, reproducible, never
+"""The synthetic datasets of nnunet_losses.commands.synthetic: valid for nnU-Net, reproducible, never
 overwriting an existing dataset."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-from nnunet_losses_tools.synthetic import IGNORE_VALUE, synthetic_case, write_synthetic_dataset
+from nnunet_losses.commands.synthetic import IGNORE_VALUE, synthetic_case, write_synthetic_dataset
 
 
 def digest(folder) -> str:

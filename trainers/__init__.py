@@ -1,9 +1,9 @@
-"""The nnU-Net trainers of nnunet-losses (installed as the package ``nnunet_losses_trainers``).
+"""The nnU-Net trainers of nnunet-losses (installed as the package ``nnunet_losses.trainers``).
 
 This folder is what ``nnUNet_extTrainer`` points at (``nnunet-losses trainer-path``); nnU-Net imports
 every module in it under its bare name, so it holds trainer modules only. For subclassing in Python::
 
-    from nnunet_losses_trainers import nnUNetTrainerMime
+    from nnunet_losses.trainers import nnUNetTrainerMime
 """
 
 from .nnunet_losses_dice_trainers import (

@@ -10,16 +10,13 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_losses import PhiDiceLoss
-from nnunet_losses_tools.trainer_support import (
+from nnunet_losses.training.checkpoint import add_to_checkpoint, read_from_checkpoint
+from nnunet_losses.training.heuristic_epsilon import (
     EPSILON_CHECKPOINT_KEY,
-    add_to_checkpoint,
-    assemble_loss,
     epsilon_as_json,
     estimate_heuristic_epsilon,
-    loss_target_options,
-    num_output_scales,
-    read_from_checkpoint,
 )
+from nnunet_losses.training.loss_assembly import assemble_loss, loss_target_options, num_output_scales
 
 
 class nnUNetTrainerDiceI(nnUNetTrainer):

@@ -9,7 +9,7 @@ absolute imports work here.
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_losses import LabelMarginalLoss
-from nnunet_losses_tools.trainer_support import assemble_loss, loss_target_options
+from nnunet_losses.training.loss_assembly import assemble_loss, loss_target_options
 
 
 class nnUNetTrainerCEL1(nnUNetTrainer):

@@ -8,7 +8,7 @@ absolute imports work here.
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_losses import MimeLoss, NegativeMimeLoss
-from nnunet_losses_tools.trainer_support import assemble_loss, loss_target_options, refuse_regions
+from nnunet_losses.training.loss_assembly import assemble_loss, loss_target_options, refuse_regions
 
 
 class nnUNetTrainerMime(nnUNetTrainer):

@@ -10,13 +10,13 @@ absolute imports work here.
 """
 
 from nnunet_losses import LeafDiceLoss, MarginalDiceLoss
-from nnunet_losses_tools.trainer_support import (
-    MissingLabelTrainer,
+from nnunet_losses.training.loss_assembly import (
     TrainerLossCall,
     assemble_loss,
     loss_target_options,
     refuse_regions,
 )
+from nnunet_losses.training.missing_label_trainer import MissingLabelTrainer
 
 
 class nnUNetTrainerMarginalDice(MissingLabelTrainer):

@@ -7,7 +7,7 @@ nnU-Net asks every module in this folder for the trainer name; this one answers 
 ``__getattr__`` (PEP 562).
 """
 
-from nnunet_losses_tools.trainer_support import short_run_trainer
+from nnunet_losses.training.short_runs import short_run_trainer
 
 
 def __getattr__(name: str) -> type:

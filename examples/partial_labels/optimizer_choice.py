@@ -35,14 +35,14 @@ def unknown_for_optimizer(trainers: Iterable[str], optimizer: str) -> List[str]:
     """The trainers that have no ``<trainer>Adam`` (with adam, only the trainers of nnunet-losses do)."""
     if optimizer != "adam":
         return []
-    from nnunet_losses_trainers import TRAINER_NAMES
+    from nnunet_losses.trainers import TRAINER_NAMES
 
     return [t for t in trainers if t not in TRAINER_NAMES]
 
 
 def trainer_folders(current: Optional[str], optimizer: str) -> str:
     """A value of ``nnUNet_extTrainer``: ``current`` plus our trainers and, with adam, ``paper_optimizer/``."""
-    from nnunet_losses_tools.discovery import with_trainer_folder
+    from nnunet_losses.training.discovery import with_trainer_folder
 
     value = with_trainer_folder(current)
     return with_trainer_folder(value, str(ADAM_TRAINER_FOLDER)) if optimizer == "adam" else value

@@ -292,7 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Step]:
         steps = RECIPES[args.recipe](args)
     except ValueError as error:
         sys.exit(f"recipes.py {args.recipe}: error: {error}")
-    from nnunet_losses_tools.discovery import ENV_VAR
+    from nnunet_losses.training.discovery import ENV_VAR
 
     environment = dict(os.environ)
     environment[ENV_VAR] = trainer_folders(os.environ.get(ENV_VAR), getattr(args, "optimizer", "sgd"))

@@ -74,7 +74,7 @@ class Task:
     """The source and derived datasets of one task, and what to report."""
 
     name: str
-    source: object  # nnunet_losses_tools.synthetic.SyntheticDataset (fully labelled)
+    source: object  # nnunet_losses.commands.synthetic.SyntheticDataset (fully labelled)
     partial: object  # the same, derived: some labels missing in some training cases
     groups: Optional[Dict[str, str]]  # test case -> group (groups task)
     reported_classes: tuple
@@ -101,7 +101,7 @@ def blob_case(rng: np.random.Generator, size: int, group: str):
 
 def ring_case(rng: np.random.Generator, size: int):
     """One ``(image, labels)`` of the classes task: disc (1) inside a ring (2), a bar (3) beside them."""
-    from nnunet_losses_tools.synthetic import add_bar, noisy_image
+    from nnunet_losses.commands.synthetic import add_bar, noisy_image
 
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
     inner = rng.uniform(0.08, 0.13) * size
@@ -122,7 +122,7 @@ def write_task_dataset(raw_folder: Path, dataset_id: int, task: str, num_trainin
     ``(SyntheticDataset, groups)`` with ``groups`` mapping every case to its group (groups task) or None."""
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
-    from nnunet_losses_tools.synthetic import FILE_ENDING, SyntheticDataset, _write, dataset_name
+    from nnunet_losses.commands.synthetic import FILE_ENDING, SyntheticDataset, _write, dataset_name
 
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
@@ -164,7 +164,7 @@ def write_task_dataset(raw_folder: Path, dataset_id: int, task: str, num_trainin
 
 def existing_dataset(raw_folder: Path, dataset_id: int):
     """The SyntheticDataset already written with this id, or None."""
-    from nnunet_losses_tools.synthetic import FILE_ENDING, SyntheticDataset
+    from nnunet_losses.commands.synthetic import FILE_ENDING, SyntheticDataset
 
     found = sorted(Path(raw_folder).glob(f"Dataset{dataset_id:03d}_*"))
     if not found or not (found[0] / "dataset.json").is_file():
@@ -243,7 +243,7 @@ def predict(runner: Runner, dataset, trainer: str, output: Path, args: argparse.
 
 def evaluate(task: Task, predictions: Path) -> list:
     """nnU-Net's metrics against the FULL test labels: rows per group (and all) of Dice and ΔV [ml]."""
-    from nnunet_losses_tools.evaluation import evaluate_summary, nnunet_summary
+    from nnunet_losses.commands.evaluation import evaluate_summary, nnunet_summary
 
     dataset_json = json.loads((task.source.folder / "dataset.json").read_text())
     summary = nnunet_summary(predictions, task.source.labels_test, dataset_json, predictions / "summary.json",
@@ -360,7 +360,7 @@ def run_one(runner: Runner, task: Task, label: str, dataset, trainer: str, args:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
-    from nnunet_losses_tools.discovery import ENV_VAR
+    from nnunet_losses.training.discovery import ENV_VAR
 
     args = parse_args(argv)
     # the Runner's nnU-Net commands find our trainers and, with adam, <trainer>Adam there

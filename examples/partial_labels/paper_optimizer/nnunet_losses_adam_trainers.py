@@ -15,12 +15,12 @@ experiment adds it there for its own runs.
 
 from nnunetv2.training.nnUNetTrainer.variants.optimizer.nnUNetTrainerAdam import nnUNetTrainerVanillaAdam1en3
 
-import nnunet_losses_trainers
+import nnunet_losses.trainers
 
 ADAM_SUFFIX = "Adam"
 
-for _name in nnunet_losses_trainers.TRAINER_NAMES:
-    _loss_trainer = getattr(nnunet_losses_trainers, _name)
+for _name in nnunet_losses.trainers.TRAINER_NAMES:
+    _loss_trainer = getattr(nnunet_losses.trainers, _name)
     globals()[_name + ADAM_SUFFIX] = type(_name + ADAM_SUFFIX, (_loss_trainer, nnUNetTrainerVanillaAdam1en3), {
         "__module__": __name__,
         "__doc__": f"{_name}'s loss with nnU-Net's nnUNetTrainerVanillaAdam1en3 optimizer (Adam, lr 1e-3).",

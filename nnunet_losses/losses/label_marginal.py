@@ -10,16 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._utils import (
-    ACTIVATIONS,
-    check_ignore_label,
-    check_option,
-    check_scalar,
-    compute_dtype,
-    ground_truth_sums,
-    prepare,
-    spatial_sum,
-)
+from ._inputs import compute_dtype, prepare
+from ._options import ACTIVATIONS, check_ignore_label, check_option, check_scalar
+from ._overlap_sums import ground_truth_sums
+from ._reductions import spatial_sum
 
 PENALTIES = ("l1", "kl", "dice_bias")
 DEFAULT_LAMBDA = {"l1": 1.0, "kl": 0.1, "dice_bias": 0.01}

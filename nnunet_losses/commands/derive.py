@@ -5,7 +5,7 @@ with the low-grade gliomas' labels replaced by empty maps) need a training set i
 are missing from some cases. This command writes one as a NEW raw dataset next to the source (which
 it never touches): selected cases get some labels set to background (``--remove-labels``) or their
 whole label map emptied (``--empty``); images are copied unchanged; the label sets are recorded in
-the new dataset.json under ``"annotated_labels"`` (see :mod:`nnunet_losses_tools.label_sets`).
+the new dataset.json under ``"annotated_labels"`` (see :mod:`nnunet_losses.training.label_sets`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import NoReturn, Optional, Sequence, Union
 import numpy as np
 from tqdm import tqdm
 
-from .label_sets import ANNOTATED_LABELS_KEY, LabelResolver, validate_annotated_labels
+from ..training.label_sets import ANNOTATED_LABELS_KEY, LabelResolver, validate_annotated_labels
 
 COMMAND = "derive-partial"
 

@@ -2,7 +2,7 @@
 
 nnU-Net 2.8 looks a trainer name up in its own trainer folder first, then in every folder listed in
 the environment variable ``nnUNet_extTrainer`` (``os.pathsep``-separated), read at each lookup. The
-folder is the installed package ``nnunet_losses_trainers`` (``trainers/`` of the repository).
+folder is the installed package ``nnunet_losses.trainers`` (``trainers/`` of the repository).
 
 Shell::
 
@@ -10,19 +10,18 @@ Shell::
 
 Python (e.g. ``nnUNetPredictor`` in a pipeline), before the first trainer lookup::
 
-    from nnunet_losses_tools.discovery import enable_trainers
+    from nnunet_losses.training.discovery import enable_trainers
     enable_trainers()
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 from typing import Optional
 
 ENV_VAR = "nnUNet_extTrainer"
-TRAINER_PACKAGE = "nnunet_losses_trainers"
+TRAINER_PACKAGE = "nnunet_losses.trainers"
 
 
 def trainer_folder() -> str:
@@ -54,31 +53,3 @@ def enable_trainers() -> str:
     value = with_trainer_folder(os.environ.get(ENV_VAR))
     os.environ[ENV_VAR] = value
     return value
-
-
-def _trainer_path(args: argparse.Namespace) -> int:
-    print(with_trainer_folder(os.environ.get(ENV_VAR)) if args.append else trainer_folder())
-    return 0
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "trainer-path",
-        help="print the folder of our trainers, for nnU-Net's nnUNet_extTrainer",
-        description=(
-            "Print the folder holding the nnunet-losses trainers (nnUNetTrainerMime, nnUNetTrainerDiceBI, ...), "
-            f"for nnU-Net's {ENV_VAR} environment variable: "
-            f"`export {ENV_VAR}=$(nnunet-losses trainer-path --append)`. Then `nnUNetv2_train ... -tr "
-            "nnUNetTrainerMime` and `nnUNetv2_predict ... -tr nnUNetTrainerMime` find them. In Python, call "
-            "nnunet_losses_tools.discovery.enable_trainers() instead."
-        ),
-    )
-    parser.add_argument(
-        "--append",
-        action="store_true",
-        help=(
-            f"print the current ${ENV_VAR} with the folder appended (separated by {os.pathsep!r}, not repeated if "
-            "already there), so other external trainer folders stay available"
-        ),
-    )
-    parser.set_defaults(func=_trainer_path)

@@ -16,21 +16,18 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._utils import (
+from ._inputs import check_annotated, prepare
+from ._options import (
     ACTIVATIONS,
     ClassValues,
-    check_annotated,
     check_bool,
     check_ignore_label,
     check_option,
     class_values,
-    ground_truth_sums,
-    masked_mean,
-    overlap_stats,
     per_class,
-    prepare,
-    soft_dice,
 )
+from ._overlap_sums import ground_truth_sums, overlap_stats
+from ._reductions import masked_mean, soft_dice
 
 
 def _resolve_annotated(annotated, ground_truth, softmax: bool) -> torch.Tensor:

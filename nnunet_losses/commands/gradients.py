@@ -54,6 +54,8 @@ import torch.nn.functional as F
 
 import nnunet_losses as losses
 
+from ..nnunet_io import label_manager_for, read_segmentation
+
 COMMAND = "gradients"
 PROBABILITY_FLOOR = 1e-12  # keeps log(s) and logit(s) finite on hard predictions
 EXACT = "exact"  # g = ∂L/∂s with independent probabilities (the paper's eq. 5)
@@ -94,9 +96,7 @@ class GradientCase:
 
 def channel_names(dataset_json: Mapping) -> tuple[list, str, list, Optional[int]]:
     """Names of the network's output channels, activation, per-channel label/region, ignore label."""
-    from nnunetv2.utilities.label_handling.label_handling import LabelManager
-
-    manager = LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order"))
+    manager = label_manager_for(dataset_json)
     by_value = {_label_key(v): name for name, v in dataset_json["labels"].items()}
     if manager.has_regions:
         regions = list(manager.foreground_regions)
@@ -173,26 +173,6 @@ def load_prediction_case(probabilities_file: Union[str, os.PathLike], ground_tru
             spacing = tuple(pickle.load(handle).get("spacing", spacing))
     case_id = probabilities_file.name[: -len(".npz")]
     return case_from_arrays(probabilities, label_map, dataset_json, case_id, spacing)
-
-
-def read_segmentation(path: Union[str, os.PathLike], dataset_json: Optional[Mapping] = None):
-    """``(label_map (*spatial), spacing)`` read with nnU-Net's own reader for the file."""
-    from nnunetv2.imageio.reader_writer_registry import (
-        determine_reader_writer_from_dataset_json,
-        determine_reader_writer_from_file_ending,
-    )
-
-    path = str(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"ground truth: expected a segmentation file, got {path!r}")
-    if dataset_json is not None:
-        reader = determine_reader_writer_from_dataset_json(dataset_json, path, verbose=False)()
-    else:
-        ending = ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]
-        reader = determine_reader_writer_from_file_ending(ending, path, allow_nonmatching_filename=True,
-                                                          verbose=False)()
-    segmentation, properties = reader.read_seg(path)
-    return segmentation[0], tuple(float(v) for v in properties["spacing"])
 
 
 def synthetic_gradient_case(size: int = 64, seed: int = 0, noise: float = 0.8) -> GradientCase:

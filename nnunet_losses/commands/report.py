@@ -6,9 +6,9 @@ Input: nnU-Net trainer output folders of one dataset, either a fold
 fold it reads what nnU-Net wrote:
 
 * ``validation/summary.json`` (nnU-Net's Dice and voxel counts) and the validation predictions
-  (spacing, for ΔV in ml), see :mod:`nnunet_losses_tools.evaluation`;
+  (spacing, for ΔV in ml), see :mod:`nnunet_losses.commands.evaluation`;
 * ``validation/<case>.npz`` probabilities when trained with ``--npz``: class-wise ECE, reliability
-  diagrams and the gradient diagnostics of :mod:`nnunet_losses_tools.diagnostics`;
+  diagrams and the gradient diagnostics of :mod:`nnunet_losses.commands.gradients`;
 * the ``'logging'`` dict of ``checkpoint_final.pth`` (else ``checkpoint_latest.pth``, else
   ``checkpoint_best.pth``), nnU-Net's ``LocalLogger``: pseudo Dice, its moving average and the
   train/validation losses per epoch.
@@ -187,7 +187,8 @@ def plot_training_curves(logs: Mapping[str, dict], path: PathLike, dpi: int = 80
 
 def _gradient_case(models: Sequence[TrainedModel], names: Sequence[str]):
     """The first validation case with saved probabilities and a readable reference."""
-    from .diagnostics import case_from_arrays, read_segmentation
+    from ..nnunet_io import read_segmentation
+    from .gradients import case_from_arrays
 
     for model, name in zip(models, names):
         for folder in model.validation_folders:
@@ -304,7 +305,7 @@ def write_report(trainer_folders: Sequence[PathLike], out_dir: PathLike,
     if gradient_losses:
         case = _gradient_case(models, names)
         if case is not None:
-            from .diagnostics import run_gradients
+            from .gradients import run_gradients
 
             outcome = run_gradients(case, out_dir, gradient_losses)
             images["gradients"] = outcome["png"]

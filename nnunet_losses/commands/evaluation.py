@@ -29,6 +29,8 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from ..nnunet_io import label_manager_for, read_segmentation, reader_writer_for
+
 COMMAND = "evaluate"
 DEFAULT_BINS = 15
 PathLike = Union[str, os.PathLike]
@@ -232,18 +234,6 @@ def label_names(dataset_json: Mapping) -> dict:
     return names
 
 
-def _reader(dataset_json: Mapping, example_file: str):
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
-
-    return determine_reader_writer_from_dataset_json(dataset_json, example_file, verbose=False)()
-
-
-def _label_manager(dataset_json: Mapping):
-    from nnunetv2.utilities.label_handling.label_handling import LabelManager
-
-    return LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order"))
-
-
 def nnunet_summary(pred_folder: PathLike, gt_folder: PathLike, dataset_json: Mapping, output_file: PathLike,
                    num_processes: Optional[int] = None) -> dict:
     """nnU-Net's ``compute_metrics_on_folder`` on the prediction folder (writes ``output_file``)."""
@@ -258,9 +248,9 @@ def nnunet_summary(pred_folder: PathLike, gt_folder: PathLike, dataset_json: Map
     if missing:
         raise FileNotFoundError(f"ground truth: expected {missing[0]!r} (and {len(missing) - 1} more) in "
                                 f"{str(gt_folder)!r} for the predictions of {str(pred_folder)!r}")
-    manager = _label_manager(dataset_json)
+    manager = label_manager_for(dataset_json)
     labels_or_regions = manager.foreground_regions if manager.has_regions else manager.foreground_labels
-    reader = _reader(dataset_json, os.path.join(pred_folder, predictions[0]))
+    reader = reader_writer_for(os.path.join(pred_folder, predictions[0]), dataset_json)
     return compute_metrics_on_folder(str(gt_folder), str(pred_folder), str(output_file), reader, file_ending,
                                      labels_or_regions, manager.ignore_label,
                                      num_processes or min(default_num_processes, len(predictions)))
@@ -288,7 +278,7 @@ def evaluate_summary(summary: Mapping, pred_folder: PathLike, dataset_json: Mapp
         prediction = os.path.join(pred_folder, case + file_ending)  # the folder may have moved since
         if not os.path.isfile(prediction):
             raise FileNotFoundError(f"prediction: expected {prediction!r} (listed in the summary.json), got no file")
-        reader = reader or _reader(dataset_json, prediction)
+        reader = reader or reader_writer_for(prediction, dataset_json)
         _, properties = reader.read_seg(prediction)
         spacing = _physical_spacing(properties["spacing"])
         metrics = entry["metrics"]
@@ -319,7 +309,7 @@ def _physical_spacing(spacing: Sequence[float]) -> tuple:
 def _calibration(per_case, pred_folder, dataset_json, num_bins, progress) -> Optional[CalibrationBins]:
     from tqdm import tqdm
 
-    from .diagnostics import case_from_arrays, read_segmentation
+    from .gradients import case_from_arrays
 
     file_ending = dataset_json["file_ending"]
     items = []

@@ -188,7 +188,7 @@ def write_synthetic_dataset(
         file_ending=FILE_ENDING,
         regions_class_order=REGIONS_CLASS_ORDER if regions else None,
         dataset_name=name,
-        description="Synthetic 2D images written by nnunet_losses_tools.synthetic",
+        description="Synthetic 2D images written by nnunet_losses.commands.synthetic",
         license="CC0 (synthetic)",
         converted_by="nnunet-losses",
     )

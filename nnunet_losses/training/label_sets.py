@@ -29,16 +29,11 @@ import torch
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from tqdm import tqdm
 
+from ..nnunet_io import label_manager_for
+
 ANNOTATED_LABELS_KEY = "annotated_labels"
 
 LabelRef = Union[str, int]
-
-
-def label_manager_for(dataset_json: Mapping) -> LabelManager:
-    """nnU-Net's own :class:`LabelManager` for a dataset.json (as nnU-Net builds it before planning)."""
-    if not isinstance(dataset_json, Mapping) or "labels" not in dataset_json:
-        raise TypeError(f"dataset_json: expected a dataset.json dict with a 'labels' entry, got {type(dataset_json).__name__}")
-    return LabelManager(dataset_json["labels"], regions_class_order=dataset_json.get("regions_class_order"))
 
 
 def _did_you_mean(word: str, candidates: Sequence[str]) -> str:

@@ -9,23 +9,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._utils import (
+from ._inputs import label_counts, prepare
+from ._options import (
     ACTIVATIONS,
-    PHIS,
     ClassValues,
+    PHIS,
     check_bool,
-    check_optional_bool,
     check_ignore_label,
     check_option,
+    check_optional_bool,
     class_values,
-    ddp_active,
-    label_counts,
-    overlap_stats,
     per_class,
-    prepare,
-    reduce_phi,
-    soft_dice,
 )
+from ._overlap_sums import overlap_stats
+from ._reductions import ddp_active, reduce_phi, soft_dice
 
 
 def _check_phi_options(phi, include_background, activation, epsilon: torch.Tensor, ddp=None):

@@ -13,11 +13,11 @@ from typing import Optional, Sequence
 
 # modules that register subcommands, in the order they appear in --help
 SUBCOMMAND_MODULES: list[str] = [
-    "nnunet_losses_tools.discovery",
-    "nnunet_losses_tools.derive",
-    "nnunet_losses_tools.diagnostics",
-    "nnunet_losses_tools.evaluation",
-    "nnunet_losses_tools.report",
+    "nnunet_losses.commands.trainer_path",
+    "nnunet_losses.commands.derive",
+    "nnunet_losses.commands.gradients",
+    "nnunet_losses.commands.evaluation",
+    "nnunet_losses.commands.report",
 ]
 
 

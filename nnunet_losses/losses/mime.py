@@ -14,22 +14,18 @@ import torch
 from torch import nn
 
 from .dice import PhiOptionsModule, _check_phi_options
-from ._utils import (
+from ._inputs import prepare
+from ._options import (
     ACTIVATIONS,
     ClassValues,
     check_bool,
     check_ignore_label,
     check_option,
     class_values,
-    ddp_active,
-    overlap_stats,
     per_class,
-    prepare,
-    probability_sums,
-    reduce_phi,
-    voxel_count,
-    world_size,
 )
+from ._overlap_sums import overlap_stats, probability_sums
+from ._reductions import ddp_active, reduce_phi, voxel_count, world_size
 
 REDUCTIONS = ("mean", "sum")
 

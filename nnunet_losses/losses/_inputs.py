@@ -1,0 +1,185 @@
+"""The inputs of every loss: ``(x, y, loss_mask)`` checked and prepared once per call (label map or
+one-hot / region target, ignore label, mask, float32 compute dtype), and the probabilities."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._options import check_ignore_label
+
+class Prepared:
+    """What every loss needs from ``(x, y, loss_mask)``.
+
+    ``labels`` is the integer label map ``(B, 1, *spatial)`` when one was given (masked voxels set to
+    0), else None; ``mask`` is None or a float ``(B, 1, *spatial)`` tensor; ``target`` is the float
+    one-hot / region tensor shaped like ``x``: given by the caller, or built from ``labels`` (under
+    ``no_grad``) only when a loss asks for it -- the overlap sums never need it.
+    """
+
+    def __init__(self, labels, given_target, mask, dtype, shape, device):
+        self.labels = labels
+        self.mask = mask
+        self.dtype = dtype
+        self._target = given_target
+        self._shape = shape
+        self._device = device
+
+    @property
+    def target(self) -> torch.Tensor:
+        if self._target is None:
+            with torch.no_grad():
+                self._target = torch.zeros(self._shape, device=self._device, dtype=self.dtype)
+                self._target.scatter_(1, self.labels, 1)
+        return self._target
+
+    @property
+    def given_target(self) -> Optional[torch.Tensor]:
+        """The caller's one-hot/region target (None for a label map)."""
+        return None if self.labels is not None else self._target
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half/bfloat16/float32 logits (sums are always taken in float32), float64 stays."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def check_logits(x: object, activation: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor of logits, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected floating-point logits, got dtype {x.dtype}")
+    if x.ndim not in (4, 5):
+        raise ValueError(f"x: expected logits of shape (B, C, H, W) or (B, C, D, H, W), got shape {tuple(x.shape)}")
+    if activation == "softmax" and x.shape[1] < 2:
+        raise ValueError(
+            f"x: expected at least 2 channels for activation='softmax' (background + classes), got {x.shape[1]}; "
+            "use activation='sigmoid' for a single foreground channel"
+        )
+    return x
+
+
+def _with_channel_dim(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # nnU-Net also accepts (B, *spatial) label maps and masks
+    return t.unsqueeze(1) if t.ndim == x.ndim - 1 else t
+
+
+def prepare(
+    x: torch.Tensor,
+    y: object,
+    loss_mask: object = None,
+    activation: str = "softmax",
+    ignore_label: Optional[int] = None,
+) -> Prepared:
+    """Check ``x``, ``y`` and ``loss_mask`` and turn ``y`` into a float one-hot / region target.
+
+    * softmax: ``y`` is a ``(B, 1, *spatial)`` label map with values in ``[0, C-1]`` (or
+      ``ignore_label``), or a ``(B, C, *spatial)`` one-hot target.
+    * sigmoid: ``y`` is a ``(B, C, *spatial)`` region target (0/1 per channel).
+
+    Float label maps (nnU-Net's dataloader may deliver them) are rounded to the nearest integer;
+    ``loss_mask`` values other than 0/1 act as per-voxel weights (not checked: that would cost a sync).
+    """
+    check_logits(x, activation)
+    ignore_label = check_ignore_label(ignore_label)
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y: expected a torch.Tensor target, got {type(y).__name__}")
+    if y.is_complex():
+        raise TypeError(f"y: expected a real-valued target, got dtype {y.dtype}")
+    received = tuple(y.shape)  # errors name the shape the caller passed, not the one with a channel axis added
+    y = _with_channel_dim(y, x)
+    num_channels = x.shape[1]
+    if y.ndim != x.ndim or y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:
+        raise ValueError(
+            f"y: expected a target of shape {(x.shape[0], 1, *x.shape[2:])} (label map) or {tuple(x.shape)} "
+            f"(one-hot/regions) for x of shape {tuple(x.shape)}, got shape {received}"
+        )
+    is_label_map = y.shape[1] == 1 and not (activation == "sigmoid" and num_channels == 1)
+    if not is_label_map and y.shape[1] != num_channels:
+        raise ValueError(
+            f"y: expected {num_channels} channels (one-hot/regions) or 1 channel (label map), got {y.shape[1]}"
+        )
+    if activation == "sigmoid" and is_label_map:
+        raise ValueError(
+            f"y: expected a (B, {num_channels}, ...) region target for activation='sigmoid' (every channel is a "
+            f"region, as nnU-Net's region datasets), got a label map of shape {received}"
+        )
+
+    mask = None
+    if loss_mask is not None:
+        if not isinstance(loss_mask, torch.Tensor):
+            raise TypeError(f"loss_mask: expected a torch.Tensor or None, got {type(loss_mask).__name__}")
+        received = tuple(loss_mask.shape)
+        loss_mask = _with_channel_dim(loss_mask, x)
+        if loss_mask.shape != (x.shape[0], 1, *x.shape[2:]):
+            raise ValueError(
+                f"loss_mask: expected shape {(x.shape[0], 1, *x.shape[2:])} (1 = voxel counts), "
+                f"got shape {received}"
+            )
+        mask = loss_mask
+
+    dtype = compute_dtype(x)
+    with torch.no_grad():
+        labels = None
+        if is_label_map:
+            labels = y if not y.is_floating_point() else y.round()
+            labels = labels.long()
+            if ignore_label is not None:
+                keep = labels != ignore_label
+                mask = keep if mask is None else (mask.bool() & keep)
+            if mask is not None:
+                labels = torch.where(mask.bool(), labels, 0)
+            # out-of-range labels would corrupt scatter/gather: check them, except inside torch.compile,
+            # where the host sync would break the graph (nnU-Net compiles the loss on CUDA)
+            if labels.numel() and not torch.compiler.is_compiling():
+                lo, hi = torch.aminmax(labels)
+                lo, hi = int(lo), int(hi)  # one host sync; out-of-range labels would corrupt scatter_
+                if lo < 0 or hi >= num_channels:
+                    raise ValueError(
+                        f"y: expected labels in [0, {num_channels - 1}] for x with {num_channels} channels"
+                        + (f" (or the ignore label {ignore_label})" if ignore_label is not None else "")
+                        + f", got values in [{lo}, {hi}]"
+                    )
+            target = None
+        else:
+            if ignore_label is not None:
+                raise ValueError(
+                    "ignore_label: expected a (B, 1, ...) label map target to find the ignore label in, got a "
+                    f"one-hot/region target of shape {tuple(y.shape)}; pass loss_mask instead"
+                )
+            target = y.to(dtype)
+        if mask is not None:
+            mask = mask.to(dtype)
+    return Prepared(labels, target, mask, dtype, x.shape, x.device)
+
+
+def probabilities(x: torch.Tensor, activation: str, dtype: torch.dtype) -> torch.Tensor:
+    """softmax over channels or sigmoid per channel, in float32 (float64 stays float64)."""
+    if activation == "softmax":
+        return torch.softmax(x, 1, dtype=dtype)  # converts on the fly: no float32 copy of half logits
+    return torch.sigmoid(x) if x.dtype == dtype else x.to(dtype).sigmoid_()
+
+
+def check_annotated(annotated: object, batch: int, num_channels: int, device: torch.device) -> Optional[torch.Tensor]:
+    """``annotated``: None or a ``(B, C)`` boolean tensor (True = class c annotated in sample b)."""
+    if annotated is None:
+        return None
+    if not isinstance(annotated, torch.Tensor):
+        raise TypeError(f"annotated: expected a (B, C) bool tensor or None, got {type(annotated).__name__}")
+    if annotated.dtype != torch.bool:
+        raise TypeError(f"annotated: expected a (B, C) tensor of dtype torch.bool, got dtype {annotated.dtype}")
+    if annotated.shape != (batch, num_channels):
+        raise ValueError(
+            f"annotated: expected shape ({batch}, {num_channels}) (samples x channels of x), "
+            f"got shape {tuple(annotated.shape)}"
+        )
+    return annotated.to(device)
+
+
+
+def label_counts(label_map: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-sample voxel count of each class of a ``(B, 1, *spatial)`` label map: ``(B, num_classes)``."""
+    flat = label_map.reshape(label_map.shape[0], -1).long()
+    counts = torch.zeros(flat.shape[0], num_classes, dtype=torch.float64, device=flat.device)
+    return counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float64))

@@ -1,0 +1,92 @@
+"""Option checks of every loss: one error grammar, ``name: expected …, got …`` (with a did-you-mean for
+string options), applied once, in ``__init__`` or at the top of a pure function."""
+
+from __future__ import annotations
+
+import difflib
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+
+ACTIVATIONS = ("softmax", "sigmoid")
+PHIS = ("I", "CI", "BI", "BCI")
+
+ClassValues = Union[float, Sequence[float], torch.Tensor]
+
+
+
+def check_option(name: str, value: object, allowed: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``allowed``; raise a ValueError with a suggestion if not."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected one of {list(allowed)}, got {type(value).__name__} {value!r}")
+    if value not in allowed:
+        # a case slip ("L1", "bi") is the commonest typo and difflib scores it too low to suggest
+        close = [a for a in allowed if a.lower() == value.lower()] or difflib.get_close_matches(value, allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{name}: expected one of {list(allowed)}, got {value!r}{hint}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_ignore_label(value: object) -> Optional[int]:
+    """nnU-Net's ignore label: None or an integer label value."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy ints (from plans) are fine
+        raise TypeError(f"ignore_label: expected None or an int label value, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def check_optional_bool(name: str, value: object) -> Optional[bool]:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name}: expected None or a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_scalar(name: str, value: object, *, positive: bool = False) -> float:
+    """A finite non-negative (or strictly positive) Python number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    bad = not (value == value and abs(value) != float("inf")) or value < 0 or (positive and value == 0)
+    if bad:
+        need = "a finite number > 0" if positive else "a finite number >= 0"
+        raise ValueError(f"{name}: expected {need}, got {value!r}")
+    return value
+
+
+def class_values(name: str, value: ClassValues) -> torch.Tensor:
+    """A scalar or one value per class, as a float64 tensor of shape () or (C,); all values >= 0."""
+    if isinstance(value, torch.Tensor):
+        if not (value.is_floating_point() or value.dtype in (torch.int16, torch.int32, torch.int64, torch.uint8)):
+            raise TypeError(f"{name}: expected a real tensor, got dtype {value.dtype}")
+        tensor = value.detach().to(device="cpu", dtype=torch.float64)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        tensor = torch.tensor(float(value), dtype=torch.float64)
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise TypeError(f"{name}: expected a number or a sequence of numbers, got {value!r}")
+        tensor = torch.tensor([float(v) for v in value], dtype=torch.float64)
+    else:
+        raise TypeError(f"{name}: expected a number, a sequence of numbers or a tensor, got {type(value).__name__}")
+    if tensor.ndim > 1 or (tensor.ndim == 1 and tensor.numel() == 0):
+        raise ValueError(f"{name}: expected a scalar or one value per class (shape (C,)), got shape {tuple(tensor.shape)}")
+    if not torch.isfinite(tensor).all() or (tensor < 0).any():
+        raise ValueError(f"{name}: expected finite values >= 0, got {tensor.tolist()}")
+    return tensor
+
+
+def per_class(name: str, values: torch.Tensor, num_channels: int, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a () or (C,) buffer to (C,) in ``like``'s dtype/device, checking C."""
+    if values.ndim == 1 and values.numel() != num_channels:
+        raise ValueError(
+            f"{name}: expected one value per channel of x ({num_channels}), got {values.numel()} values"
+        )
+    return values.to(device=like.device, dtype=like.dtype).expand(num_channels)
+
