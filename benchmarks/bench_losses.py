@@ -196,7 +196,7 @@ def build_cases() -> list[Case]:
     ]
     for penalty in ("l1", "kl", "dice_bias"):
         cases.append(Case(f"LabelMarginalLoss({penalty})",
-                          _plain(lambda s, penalty=penalty: nl.LabelMarginalLoss(penalty)),
+                          _plain(lambda s, penalty=penalty: nl.LabelMarginalLoss(penalty=penalty)),
                           (Target(NNUNET_CE, 1.2, 1.2),)))
     return cases
 

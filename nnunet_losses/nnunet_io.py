@@ -1,5 +1,7 @@
 """nnU-Net's data, read (and written) the way nnU-Net does it: one place for the dataset.json's labels
-(nnU-Net's :class:`LabelManager`) and for the image reader/writer of a dataset's file ending.
+(nnU-Net's :class:`LabelManager`), the network's output channels and a label map's targets for them,
+the image reader/writer of a dataset's file ending, the probabilities of ``--save_probabilities``,
+and the raw-data folder with its datasets.
 
 Training support and the command read nnU-Net data only through this module, so a new nnU-Net
 version changes one file. nnunetv2 is imported inside the functions: importing this module is cheap.
@@ -7,12 +9,34 @@ version changes one file. nnunetv2 is imported inside the functions: importing t
 
 from __future__ import annotations
 
+import copy
+import json
 import os
-from typing import Mapping, Optional, Union
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 PathLike = Union[str, os.PathLike]
+
+
+# ----------------------------------------------------------------------------------------------
+# dataset.json: labels, regions, output channels
+# ----------------------------------------------------------------------------------------------
+def load_dataset_json(source: Union[Mapping, PathLike]) -> Mapping:
+    """A dataset.json: ``source`` itself when it is one already (a mapping), else the file read."""
+    if isinstance(source, Mapping):
+        return source
+    return json.loads(Path(source).read_text())
+
+
+def save_dataset_json(dataset_json: Mapping, folder: PathLike) -> None:
+    """``folder/dataset.json`` written as nnU-Net's own tools write it (indent 4, keys in their order)."""
+    from batchgenerators.utilities.file_and_folder_operations import save_json
+
+    save_json(dataset_json, os.path.join(folder, "dataset.json"), sort_keys=False)
 
 
 def label_manager_for(dataset_json: Mapping):
@@ -24,6 +48,103 @@ def label_manager_for(dataset_json: Mapping):
     return LabelManager(dataset_json["labels"], regions_class_order=dataset_json.get("regions_class_order"))
 
 
+def _label_key(label_or_region) -> tuple:
+    """A label (``1``) or region (``[1, 2]``, ``(2, 1)``) as the sorted tuple of its label values."""
+    if isinstance(label_or_region, (list, tuple)):
+        return tuple(sorted(int(v) for v in label_or_region))
+    return (int(label_or_region),)
+
+
+def _names_by_label_key(dataset_json: Mapping) -> dict:
+    return {_label_key(value): name for name, value in dataset_json["labels"].items()}
+
+
+@dataclass(frozen=True)
+class OutputChannels:
+    """What each output channel of nnU-Net's network stands for, read from a dataset.json."""
+
+    names: list  # the dataset.json name of each channel's label or region (its value where it has none)
+    activation: str  # "softmax" (one channel per label, background included) or "sigmoid" (one per region)
+    labels_or_regions: list  # per channel: a label value (softmax) or a region, a tuple of values (sigmoid)
+    ignore_label: Optional[int]
+
+
+def output_channels(dataset_json: Optional[Mapping], num_channels: Optional[int] = None) -> OutputChannels:
+    """The output channels nnU-Net trains for ``dataset_json`` (its :class:`LabelManager`'s labels,
+    or its foreground regions). Without a dataset.json: ``num_channels`` labels ``0..C-1`` under softmax."""
+    if dataset_json is None:
+        return OutputChannels([str(c) for c in range(num_channels)], "softmax", list(range(num_channels)), None)
+    manager = label_manager_for(dataset_json)
+    by_key = _names_by_label_key(dataset_json)
+    if manager.has_regions:
+        activation, values = "sigmoid", list(manager.foreground_regions)
+    else:
+        activation, values = "softmax", list(manager.all_labels)
+    return OutputChannels([by_key.get(_label_key(v), str(v)) for v in values], activation, values,
+                          manager.ignore_label)
+
+
+def summary_class_names(dataset_json: Mapping, metric_keys: Sequence[str]) -> list:
+    """The dataset.json name of each label or region key of an nnU-Net ``summary.json`` (``"1"``,
+    ``"(1, 2)"``); the key itself where the label or region has no name."""
+    from nnunetv2.evaluation.evaluate_predictions import key_to_label_or_region
+
+    by_key = _names_by_label_key(dataset_json)
+
+    def name(key) -> str:
+        try:
+            return by_key.get(_label_key(key_to_label_or_region(str(key))), str(key))
+        except ValueError:  # not a label or region key
+            return str(key)
+
+    return [name(k) for k in metric_keys]
+
+
+@dataclass(frozen=True)
+class ChannelTargets:
+    """A ground-truth label map as the targets of the network's output channels."""
+
+    channels: OutputChannels
+    labels: np.ndarray  # (*spatial) int64 label map, the ignore label kept
+    target: np.ndarray  # (C, *spatial) float64 one-hot or region targets, 0 on ignored voxels
+    mask: Optional[np.ndarray]  # (*spatial) bool, False on the ignore label; None without one
+
+
+def channel_targets(label_map: np.ndarray, output_shape: Sequence[int],
+                    dataset_json: Optional[Mapping] = None) -> ChannelTargets:
+    """Targets for a network output (probabilities) of shape ``(C, *spatial)`` from a ``(*spatial)``
+    label map (or nnU-Net's ``(1, *spatial)``): one target per label or region of :func:`output_channels`,
+    built with nnU-Net's own ``region_or_label_to_mask``; the ignore label becomes the mask."""
+    from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
+
+    output_shape = tuple(output_shape)
+    label_map = np.asarray(label_map)
+    if label_map.ndim == len(output_shape) and label_map.shape[0] == 1:
+        label_map = label_map[0]  # nnU-Net's readers give (1, *spatial)
+    if label_map.shape != output_shape[1:]:
+        raise ValueError(f"ground truth: expected a label map of shape {output_shape[1:]} (the "
+                         f"probabilities' spatial shape), got {label_map.shape}")
+    channels = output_channels(dataset_json, output_shape[0])
+    values = channels.labels_or_regions
+    if len(values) != output_shape[0]:
+        raise ValueError(f"probabilities: expected {len(values)} channels (dataset.json's "
+                         f"{'regions' if channels.activation == 'sigmoid' else 'labels'}), got {output_shape[0]}")
+    labels = np.rint(label_map).astype(np.int64)
+    ignore_label = channels.ignore_label
+    mask = None if ignore_label is None else labels != ignore_label
+    if channels.activation == "softmax":
+        unknown = sorted(set(np.unique(labels).tolist()) - set(values) - {ignore_label})
+        if unknown:
+            raise ValueError(f"ground truth: expected labels in {values}, got values {unknown}")
+    target = np.stack([region_or_label_to_mask(labels, v) for v in values]).astype(np.float64)
+    if mask is not None:
+        target *= mask
+    return ChannelTargets(channels, labels, target, mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# files: segmentations, saved probabilities, prediction folders
+# ----------------------------------------------------------------------------------------------
 def reader_writer_for(example_file: PathLike, dataset_json: Optional[Mapping] = None):
     """An instance of nnU-Net's image reader/writer for ``example_file``: the one the dataset.json names
     (or its file ending implies), or, without a dataset.json, the one for the file's own ending."""
@@ -47,3 +168,93 @@ def read_segmentation(path: PathLike, dataset_json: Optional[Mapping] = None) ->
         raise FileNotFoundError(f"ground truth: expected a segmentation file, got {path!r}")
     segmentation, properties = reader_writer_for(path, dataset_json).read_seg(path)
     return segmentation[0], tuple(float(v) for v in properties["spacing"])
+
+
+def read_probabilities(path: PathLike) -> np.ndarray:
+    """The ``(C, *spatial)`` probabilities (the image's array order) of a ``CASE.npz`` that
+    ``nnUNetv2_predict --save_probabilities`` writes."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"probabilities: expected an nnU-Net .npz file, got {str(path)!r} "
+                                "(predict with --save_probabilities)")
+    with np.load(path) as data:
+        if "probabilities" not in data:
+            raise ValueError(f"probabilities: expected an .npz with the key 'probabilities' as nnU-Net writes, "
+                             f"got keys {list(data.keys())} in {path}")
+        return data["probabilities"]
+
+
+def read_prediction_properties(probabilities_file: PathLike) -> Optional[dict]:
+    """The properties (``spacing``, …) nnU-Net pickles as ``CASE.pkl`` next to ``CASE.npz``; None without."""
+    properties_file = Path(probabilities_file).with_suffix(".pkl")
+    if not properties_file.is_file():
+        return None
+    with open(properties_file, "rb") as handle:
+        return pickle.load(handle)
+
+
+def case_identifier(path: PathLike, file_ending: str) -> str:
+    """The case of a prediction or segmentation file: its name without the dataset's file ending."""
+    name = os.path.basename(path)
+    return name[: -len(file_ending)] if name.endswith(file_ending) else name
+
+
+def cases_with_probabilities(metric_per_case: Sequence[Mapping], prediction_folder: PathLike,
+                             file_ending: str) -> list:
+    """``(case, CASE.npz, reference file)`` of each case of an nnU-Net summary's ``metric_per_case``
+    whose probabilities were saved in ``prediction_folder`` and whose reference file exists."""
+    found = []
+    for entry in metric_per_case:
+        case = case_identifier(entry["prediction_file"], file_ending)
+        npz = os.path.join(prediction_folder, case + ".npz")
+        if os.path.isfile(npz) and os.path.isfile(entry["reference_file"]):
+            found.append((case, npz, entry["reference_file"]))
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# nnUNet_raw: the folder, its datasets, a dataset's training files
+# ----------------------------------------------------------------------------------------------
+def raw_folder() -> str:
+    """nnU-Net's raw data folder (``$nnUNet_raw``), checked to exist."""
+    from nnunetv2.paths import nnUNet_raw
+
+    if not nnUNet_raw.is_set():
+        raise ValueError("nnUNet_raw: expected the environment variable to point to nnU-Net's raw data folder, "
+                         "got it unset")
+    root = nnUNet_raw.get()
+    if not os.path.isdir(root):
+        raise ValueError(f"nnUNet_raw: expected an existing folder, got {root!r}")
+    return root
+
+
+def raw_dataset_name(source: Union[str, int], raw_root: str) -> str:
+    """A dataset's name, resolved the way nnU-Net's commands resolve ``-d``, and checked to be in ``raw_root``."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        name = maybe_convert_to_dataset_name(source)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"source: expected a dataset id or name found in nnUNet_raw ({raw_root}), got {source!r}: "
+                         f"{error}")
+    if not os.path.isfile(os.path.join(raw_root, name, "dataset.json")):
+        raise ValueError(f"source: expected a raw dataset with a dataset.json in {os.path.join(raw_root, name)}, "
+                         "got none")
+    return name
+
+
+def datasets_with_id(dataset_id: int) -> list:
+    """The dataset names that use ``dataset_id`` in nnUNet_raw, nnUNet_preprocessed or nnUNet_results."""
+    from nnunetv2.utilities.dataset_name_id_conversion import find_candidate_datasets
+
+    return list(find_candidate_datasets(dataset_id))
+
+
+def training_files(dataset_folder: PathLike, dataset_json: Mapping) -> dict:
+    """Case identifier → ``{"images": [...], "label": ...}`` of a raw dataset's training cases, as
+    nnU-Net lists them (its ``imagesTr``/``labelsTr`` layout or the dataset.json's ``dataset`` entry)."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    # a deep copy: nnU-Net's helper rewrites the 'dataset' entry's paths in place
+    files = get_filenames_of_train_images_and_targets(str(dataset_folder), copy.deepcopy(dataset_json))
+    return {str(case): entry for case, entry in files.items()}  # nnU-Net returns numpy strings

@@ -1,4 +1,4 @@
-"""Batch reductions under DDP use the global batch (LOSSES.md §2): two processes holding two samples
+"""Batch reductions under DDP use the global batch (docs/losses.md §2): two processes holding two samples
 each give the value and, after DDP's gradient averaging, the gradient of one process holding all four.
 
 Two real processes (torch.multiprocessing spawn) join a gloo process group on a free localhost port;

@@ -1,4 +1,4 @@
-"""Valid but degenerate input gives a finite loss and finite gradients, never NaN/Inf (LOSSES.md,
+"""Valid but degenerate input gives a finite loss and finite gradients, never NaN/Inf (docs/losses.md,
 "Common conventions"): empty classes, empty patches, everything masked, samples without any annotated
 class, saturated half-precision logits, bfloat16 logits and float32 logits under CPU bfloat16 autocast
 (sums and result in float32)."""
@@ -6,53 +6,19 @@ class, saturated half-precision logits, bfloat16 logits and float32 logits under
 import pytest
 import torch
 
-from nnunet_losses import (
-    DynamicMimeLoss,
-    LabelMarginalLoss,
-    LeafDiceLoss,
-    MarginalDiceLoss,
-    MimeLoss,
-    NegativeMimeLoss,
-    PhiDiceLoss,
-)
+from loss_registry import variants
+from nnunet_losses import LeafDiceLoss, MarginalDiceLoss
 
 BATCH, CHANNELS = 2, 4
 
-# every loss in the configurations that stress different code paths: ε = 0 (no smoothing, the
-# clamped denominator alone keeps 0/0 away), per-class ε, background in or out, sum vs mean
-SOFTMAX_LOSSES = {
-    "mime": lambda: MimeLoss(),
-    "mime_no_background": lambda: MimeLoss(include_background=False),
-    "mime_sum_per_class": lambda: MimeLoss(a=[0.0, 1.0, 2.0, 3.0], b=[0.5, 0.1, 0.0, 0.2], reduction="sum"),
-    "negative_mime": lambda: NegativeMimeLoss(),
-    "dynamic_mime_I": lambda: DynamicMimeLoss("I"),
-    "dynamic_mime_CI": lambda: DynamicMimeLoss("CI"),
-    "dynamic_mime_BI_eps0": lambda: DynamicMimeLoss("BI", epsilon=0.0),
-    "dynamic_mime_BCI_background": lambda: DynamicMimeLoss("BCI", include_background=True),
-    "dice_I": lambda: PhiDiceLoss("I"),
-    "dice_I_eps0_background": lambda: PhiDiceLoss("I", epsilon=0.0, include_background=True),
-    "dice_CI_eps0": lambda: PhiDiceLoss("CI", epsilon=0.0),
-    "dice_BI_per_class_eps": lambda: PhiDiceLoss("BI", epsilon=[0.0, 1.0, 20.0, 0.0]),
-    "dice_BCI": lambda: PhiDiceLoss("BCI"),
-    "marginal": lambda: MarginalDiceLoss(),
-    "marginal_eps0": lambda: MarginalDiceLoss(epsilon=0.0),
-    "leaf": lambda: LeafDiceLoss(),
-    "leaf_eps0_background": lambda: LeafDiceLoss(epsilon=0.0, include_background=True),
-    "ce_l1": lambda: LabelMarginalLoss("l1"),
-    "ce_kl": lambda: LabelMarginalLoss("kl"),
-    "ce_dice_bias": lambda: LabelMarginalLoss("dice_bias", lam=1.0),
-}
-SIGMOID_LOSSES = {
-    "mime_sigmoid": lambda: MimeLoss(activation="sigmoid"),
-    "dynamic_mime_BI_sigmoid": lambda: DynamicMimeLoss("BI", activation="sigmoid"),
-    "dice_I_eps0_sigmoid": lambda: PhiDiceLoss("I", epsilon=0.0, activation="sigmoid"),
-    "dice_BCI_sigmoid": lambda: PhiDiceLoss("BCI", activation="sigmoid"),
-    "leaf_sigmoid": lambda: LeafDiceLoss(activation="sigmoid"),
-    "leaf_eps0_sigmoid": lambda: LeafDiceLoss(epsilon=0.0, activation="sigmoid"),
-    "ce_l1_sigmoid": lambda: LabelMarginalLoss("l1", activation="sigmoid"),
-    "ce_kl_sigmoid": lambda: LabelMarginalLoss("kl", activation="sigmoid"),
-}
-ALL_LOSSES = {**SOFTMAX_LOSSES, **SIGMOID_LOSSES}
+# every loss (tests/loss_registry.py) in the configurations that stress different code paths: ε = 0 (no
+# smoothing, the clamped denominator alone keeps 0/0 away), per-class ε, background in or out, sum vs mean
+ALL_LOSSES = {variant.id: (loss, variant) for loss, variant in variants("degenerate")}
+
+
+def build(name: str):
+    loss, variant = ALL_LOSSES[name]
+    return loss.module(**variant.resolve(CHANNELS))
 
 
 def degenerate_case(case: str, spatial: tuple):
@@ -85,7 +51,7 @@ SPATIAL = [(5, 6), (3, 4, 5)]
 
 def target_for(name: str, labels: torch.Tensor) -> torch.Tensor:
     """Label map for softmax losses, one region per channel (one-hot) for sigmoid ones."""
-    if name in SIGMOID_LOSSES:
+    if ALL_LOSSES[name][1].activation == "sigmoid":
         return torch.nn.functional.one_hot(labels[:, 0], CHANNELS).movedim(-1, 1).float()
     return labels
 
@@ -125,7 +91,7 @@ def logit_variants(spatial):
 def test_finite_value_and_gradient(name, case, spatial):
     labels, mask = degenerate_case(case, spatial)
     y = target_for(name, labels)
-    loss = ALL_LOSSES[name]()
+    loss = build(name)
     for description, x, autocast in logit_variants(spatial):
         value, grad = value_and_grad(loss, x, y, mask, autocast)
         assert torch.isfinite(value), f"{description}: loss {value}"
@@ -140,24 +106,16 @@ def test_finite_value_and_gradient(name, case, spatial):
         torch.testing.assert_close(grad.float(), reference_grad.to(grad.dtype).float(), rtol=0, atol=0, msg=description)
 
 
-# what everything masked gives: no counted voxel means no gradient at all, and a value fixed by the
-# definitions -- mimes and CE: an empty sum, 0; Dice with ε > 0: (0 + ε)/(0 + ε) = 1, loss 0; Dice with
-# ε = 0: 0 / clamp(0) = 0, loss 1 (marginal Dice keeps its merged background term, leaf Dice keeps no
-# term since nothing is present: loss 0 by definition)
-ALL_MASKED_VALUE = {name: 0.0 for name in ALL_LOSSES}
-ALL_MASKED_VALUE.update({
-    "dice_I_eps0_background": 1.0, "dice_CI_eps0": 1.0, "dice_I_eps0_sigmoid": 1.0, "marginal_eps0": 1.0,
-    # per-class ε with ε_0 = ε_3 = 0: background is excluded, class 3 gives Dice 0, classes 1, 2 give 1
-    "dice_BI_per_class_eps": 1 - (1 + 1 + 0) / 3,
-})
-
-
+# what everything masked gives (each configuration's ``everything_masked``): no counted voxel means no
+# gradient at all, and a value fixed by the definitions -- mimes and CE: an empty sum, 0; Dice with ε > 0:
+# (0 + ε)/(0 + ε) = 1, loss 0; Dice with ε = 0: 0 / clamp(0) = 0, loss 1 (marginal Dice keeps its merged
+# background term, leaf Dice keeps no term since nothing is present: loss 0 by definition)
 @pytest.mark.parametrize("name", sorted(ALL_LOSSES))
 def test_everything_masked(name):
     labels, mask = degenerate_case("all_masked", (5, 6))
     x = 3 * torch.randn(BATCH, CHANNELS, 5, 6, generator=torch.Generator().manual_seed(2))
-    value, grad = value_and_grad(ALL_LOSSES[name](), x, target_for(name, labels), mask)
-    assert value.item() == pytest.approx(ALL_MASKED_VALUE[name], abs=1e-6)
+    value, grad = value_and_grad(build(name), x, target_for(name, labels), mask)
+    assert value.item() == pytest.approx(ALL_LOSSES[name][1].everything_masked, abs=1e-6)
     assert torch.count_nonzero(grad) == 0
 
 
@@ -166,7 +124,7 @@ def test_masked_out_sample_gets_no_gradient(name):
     # sample 0 is entirely masked: whatever the loss, its logits cannot matter
     labels, mask = degenerate_case("sample_masked_out", (5, 6))
     x = 3 * torch.randn(BATCH, CHANNELS, 5, 6, generator=torch.Generator().manual_seed(3))
-    _, grad = value_and_grad(ALL_LOSSES[name](), x, target_for(name, labels), mask)
+    _, grad = value_and_grad(build(name), x, target_for(name, labels), mask)
     assert torch.count_nonzero(grad[0]) == 0
     assert torch.count_nonzero(grad[1]) > 0
 

@@ -20,7 +20,7 @@ PUBLIC_MODULES = sorted(
 
 
 def test_public_modules_are_found():
-    # the four loss families of LOSSES.md; a stale path or a broken discovery would silently test nothing
+    # the four loss families of docs/losses.md; a stale path or a broken discovery would silently test nothing
     assert {"nnunet_losses.losses.dice", "nnunet_losses.losses.label_marginal", "nnunet_losses.losses.mime",
             "nnunet_losses.losses.missing_labels"} <= set(PUBLIC_MODULES)
 

@@ -75,6 +75,18 @@ def test_voxel_volume_and_volume_difference():
     assert ev.volume_difference_ml(4, 10, (1.0, 1.0)) == pytest.approx(-0.006)  # 2D: mm² / 1000
 
 
+def test_class_names_of_summary_keys_are_those_of_the_output_channels():
+    # nnU-Net's summary.json keys a region as str(tuple) and a label as str(int); a region of one label
+    # ([2]) may be keyed either way; an unnamed one keeps its key
+    from nnunet_losses.nnunet_io import output_channels, summary_class_names
+
+    dataset_json = {"labels": {"background": 0, "whole": [1, 2, 3], "core": [3, 2], "enhancing": [3]},
+                    "regions_class_order": [1, 2, 3]}
+    assert output_channels(dataset_json).names == ["whole", "core", "enhancing"]
+    assert summary_class_names(dataset_json, ["(1, 2, 3)", "(3, 2)", "(3,)", "3", "(4,)"]) == [
+        "whole", "core", "enhancing", "enhancing", "(4,)"]
+
+
 def test_dummy_2d_axis_is_not_a_spacing():
     assert ev._physical_spacing((999.0, 1.0, 1.0)) == (1.0, 1.0)  # nnU-Net's PNG reader
     assert ev._physical_spacing((0.7 * 999, 0.7, 0.5)) == (0.7, 0.5)  # a 2D NIfTI read by SimpleITKIO

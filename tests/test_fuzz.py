@@ -14,7 +14,6 @@ Runs are reproducible (derandomize=True, no example database): CI sees the same 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -22,22 +21,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nnunet_losses import (
-    DynamicMimeLoss,
-    LabelMarginalLoss,
-    LeafDiceLoss,
-    MarginalDiceLoss,
-    MimeLoss,
-    NegativeMimeLoss,
-    PhiDiceLoss,
-    dynamic_mime_loss,
-    label_marginal_loss,
-    leaf_dice_loss,
-    marginal_dice_loss,
-    mime_loss,
-    negative_mime_loss,
-    phi_dice_loss,
-)
+from loss_registry import Loss, Variant, variants
+from nnunet_losses import MimeLoss, dynamic_mime_loss, leaf_dice_loss, marginal_dice_loss, phi_dice_loss
 
 FUZZ = settings(
     max_examples=40,
@@ -137,108 +122,39 @@ def close(actual, expected, what: str, rtol: float = 1e-5, atol: float = SLACK):
 
 
 # ------------------------------------------------------------------------------------------------
-# every loss: module, function, options and documented range
+# every loss (tests/loss_registry.py): module, function, its fuzz configurations and documented range
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class Spec:
-    module: type
-    function: Callable
-    options: Callable[[int], dict]  # channels -> keyword arguments shared by module and function
-    sigmoid: bool
-    value_range: Callable[[Batch, dict], tuple]  # (low, high) the docstring states
-    annotated: bool = False
+FUZZED = {variant.id: (loss, variant) for loss, variant in variants("fuzz")}
 
 
-def mime_range(batch: Batch, options: dict):
-    a, b = torch.as_tensor(options.get("a", 1.9)), torch.as_tensor(options.get("b", 0.1))
-    a_max, b_max = float(a.max()), float(b.max())
-    if batch.activation == "softmax":  # docstring: [-max a, max b] (a convex combination per voxel)
-        return -a_max, b_max
-    channels = batch.x.shape[1]  # sigmoid: every channel independently in [-a_c, b_c], summed per voxel
-    return -channels * a_max, channels * b_max
-
-
-def dynamic_mime_range(batch: Batch, options: dict):
-    # per subset, with D = P + G + ε and n subsets: n D² (b P - (a + b) I) = ε P - 2 I (G + ε), and
-    # 0 <= I <= min(P, G), so n·value_φ lies in [-2 P (G+ε) / (P+G+ε)², ε P / (P+ε)²] ⊂ [-1/2, 1/4]
-    # (AM-GM twice); the mean over subsets keeps these bounds
-    return -0.5, 0.25
-
-
-def label_marginal_range(batch: Batch, options: dict):
-    if options["penalty"] == "dice_bias":  # CE + λ mean log(p̂ + ŷ), the log between log(1e-8) and log 2
-        ce = label_marginal_loss(batch.x, batch.y, batch.mask, lam=0.0, activation=batch.activation)
-        lam = options["lam"]
-        return float(ce) + lam * math.log(1e-8), float(ce) + lam * math.log(2)
-    return 0.0, math.inf  # docstring: [0, ∞) for l1 and kl
-
-
-SPECS = {
-    "mime": Spec(MimeLoss, mime_loss, lambda c: {}, True, mime_range),
-    "mime_per_class_no_background": Spec(
-        MimeLoss, mime_loss,
-        lambda c: {"a": [0.5 + k for k in range(c)], "b": [0.1 * (k + 1) for k in range(c)],
-                   "include_background": False},
-        True, mime_range),
-    "negative_mime": Spec(NegativeMimeLoss, negative_mime_loss, lambda c: {}, False, lambda b, o: (-1.0, 0.0)),
-    **{
-        f"dynamic_mime_{phi}": Spec(DynamicMimeLoss, dynamic_mime_loss, lambda c, phi=phi: {"phi": phi}, True,
-                                    dynamic_mime_range)
-        for phi in ("I", "CI", "BI", "BCI")
-    },
-    **{
-        f"dice_{phi}": Spec(PhiDiceLoss, phi_dice_loss, lambda c, phi=phi: {"phi": phi}, True, lambda b, o: (0.0, 1.0))
-        for phi in ("I", "CI", "BI", "BCI")
-    },
-    "dice_BI_per_class_eps_background": Spec(
-        PhiDiceLoss, phi_dice_loss,
-        lambda c: {"phi": "BI", "epsilon": [float(k * k) for k in range(c)], "include_background": True},
-        True, lambda b, o: (0.0, 1.0)),
-    "dice_CI_eps0": Spec(PhiDiceLoss, phi_dice_loss, lambda c: {"phi": "CI", "epsilon": 0.0}, True,
-                         lambda b, o: (0.0, 1.0)),
-    "marginal": Spec(MarginalDiceLoss, marginal_dice_loss, lambda c: {}, False, lambda b, o: (0.0, 1.0), True),
-    "marginal_eps0_no_background": Spec(MarginalDiceLoss, marginal_dice_loss,
-                                        lambda c: {"epsilon": 0.0, "include_background": False}, False,
-                                        lambda b, o: (0.0, 1.0), True),
-    "leaf": Spec(LeafDiceLoss, leaf_dice_loss, lambda c: {}, True, lambda b, o: (0.0, 1.0), True),
-    "leaf_background_eps1": Spec(LeafDiceLoss, leaf_dice_loss, lambda c: {"epsilon": 1.0, "include_background": True},
-                                 True, lambda b, o: (0.0, 1.0), True),
-    "ce_l1": Spec(LabelMarginalLoss, label_marginal_loss, lambda c: {"penalty": "l1"}, True, label_marginal_range),
-    "ce_kl": Spec(LabelMarginalLoss, label_marginal_loss, lambda c: {"penalty": "kl", "tau": 3.0}, True,
-                  label_marginal_range),
-    "ce_dice_bias": Spec(LabelMarginalLoss, label_marginal_loss, lambda c: {"penalty": "dice_bias", "lam": 0.5}, True,
-                         label_marginal_range),
-}
-
-
-def build(spec: Spec, batch: Batch):
+def build(loss: Loss, variant: Variant, batch: Batch):
     """(module, function with the same options, options) for this batch's channel count and activation."""
-    options = spec.options(batch.x.shape[1])
-    if spec.sigmoid:
+    options = variant.resolve(batch.x.shape[1])
+    if loss.sigmoid:
         options["activation"] = batch.activation
-    extra = {"annotated": batch.annotated} if spec.annotated else {}
+    extra = {"annotated": batch.annotated} if loss.annotated else {}
 
-    module = spec.module(**options)
+    module = loss.module(**options)
 
     def call_module(x, y, mask, **overrides):
         return module(x, y, mask, **{**extra, **overrides})
 
     def call_function(x, y, mask, **overrides):
-        return spec.function(x, y, mask, **options, **{**extra, **overrides})
+        return loss.function(x, y, mask, **options, **{**extra, **overrides})
 
     return call_module, call_function, options
 
 
 def check_properties(name: str, batch: Batch):
-    spec = SPECS[name]
-    loss, function, options = build(spec, batch)
+    entry, variant = FUZZED[name]
+    loss, function, options = build(entry, variant, batch)
     x, y, mask = batch.x, batch.y, batch.mask
 
     value, grad = value_and_grad(loss, x, y, mask)
     assert torch.isfinite(value), f"loss {value}"
     assert torch.isfinite(grad).all(), "gradient with NaN/Inf"
 
-    low, high = spec.value_range(batch, options)
+    low, high = entry.value_range(x, y, mask, batch.activation, {**entry.defaults, **options})
     assert low - SLACK <= float(value) <= high + SLACK, f"{float(value)} outside [{low}, {high}]"
 
     close(function(x, y, mask), value, "module == function", rtol=0, atol=0)
@@ -276,7 +192,7 @@ def check_properties(name: str, batch: Batch):
 
 
 def _make_test(name: str):
-    spec = SPECS[name]
+    spec, _ = FUZZED[name]
 
     @FUZZ
     @given(batch=batches(sigmoid=spec.sigmoid, annotated=spec.annotated))
@@ -288,7 +204,7 @@ def _make_test(name: str):
 
 
 # one test per loss, so a failure names the loss and each loss gets its own examples
-for _name in SPECS:
+for _name in FUZZED:
     globals()[f"test_properties_{_name}"] = _make_test(_name)
 
 

@@ -12,50 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nnunet_losses import (
-    DynamicMimeLoss,
-    LabelMarginalLoss,
-    LeafDiceLoss,
-    MarginalDiceLoss,
-    MimeLoss,
-    NegativeMimeLoss,
-    PhiDiceLoss,
-    dynamic_mime_loss,
-    label_marginal_loss,
-    leaf_dice_loss,
-    marginal_dice_loss,
-    mime_loss,
-    negative_mime_loss,
-    phi_dice_loss,
-)
+from loss_registry import TARGET_FORMS, variants
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
-PHIS = ("I", "CI", "BI", "BCI")
-# (id, pure function, module class, keyword arguments chosen so that they matter)
-LOSSES = [
-    ("mime", mime_loss, MimeLoss, dict(a=(0.5, 1.5, 3.0), b=(0.2, 0.05, 0.4))),
-    ("mime-sigmoid", mime_loss, MimeLoss, dict(a=(0.5, 1.5, 3.0), activation="sigmoid")),
-    ("negative_mime", negative_mime_loss, NegativeMimeLoss, dict(include_background=False)),
-    *[(f"phi_dice-{phi}", phi_dice_loss, PhiDiceLoss, dict(phi=phi, epsilon=0.3)) for phi in PHIS],
-    *[(f"phi_dice-{phi}-sigmoid", phi_dice_loss, PhiDiceLoss, dict(phi=phi, epsilon=0.3, activation="sigmoid"))
-      for phi in PHIS],
-    ("marginal_dice", marginal_dice_loss, MarginalDiceLoss, dict(epsilon=0.3)),
-    ("leaf_dice", leaf_dice_loss, LeafDiceLoss, dict(epsilon=0.3, include_background=True)),
-    ("leaf_dice-sigmoid", leaf_dice_loss, LeafDiceLoss, dict(epsilon=0.3, activation="sigmoid")),
-    *[(f"label_marginal-{penalty}{suffix}", label_marginal_loss, LabelMarginalLoss,
-       dict(penalty=penalty, tau=2.0, **extra))
-      for penalty in ("l1", "kl", "dice_bias")
-      for suffix, extra in (("", {}), ("-sigmoid", dict(activation="sigmoid")))],
-]
-# dynamic mime's value is not the potential of its gradient (its weights are taken without gradient):
-# gradcheck compares its gradient with finite differences of the Dice loss value instead
-DYNAMIC_MIME = [
-    *[(f"dynamic_mime-{phi}", dynamic_mime_loss, DynamicMimeLoss, dict(phi=phi, epsilon=0.3)) for phi in PHIS],
-    *[(f"dynamic_mime-{phi}-sigmoid", dynamic_mime_loss, DynamicMimeLoss,
-       dict(phi=phi, epsilon=0.3, activation="sigmoid")) for phi in PHIS],
-]
-LABEL_SET_LOSSES = (marginal_dice_loss, leaf_dice_loss)
+# every loss's configurations (tests/loss_registry.py): (id, loss, keyword arguments chosen so that they matter)
+LOSSES = [(variant.id, loss, variant.resolve()) for loss, variant in variants("gradcheck")]
 
 
 def inputs(make_case, activation, form, mask, label_sets):
@@ -74,86 +36,73 @@ def inputs(make_case, activation, form, mask, label_sets):
 
 
 def target_forms(losses):
-    """(id, ..., form) rows: label map and one-hot for softmax losses, regions for sigmoid ones."""
-    rows = []
-    for row in losses:
-        options = row[-1]
-        forms = ("regions",) if options.get("activation") == "sigmoid" else ("labels", "one_hot")
-        rows += [pytest.param(*row[1:], form, id=f"{row[0]}-{form}") for form in forms]
-    return rows
+    """(loss, options, form) rows: label map and one-hot for softmax losses, regions for sigmoid ones."""
+    return [pytest.param(loss, options, form, id=f"{name}-{form}") for name, loss, options in losses
+            for form in TARGET_FORMS[options.get("activation", "softmax")]]
 
 
 def richest(losses):
     """One row per loss: masked, label map (softmax) / regions (sigmoid)."""
-    return [pytest.param(*row[1:], "regions" if row[-1].get("activation") == "sigmoid" else "labels", id=row[0])
-            for row in losses]
+    return [pytest.param(loss, options, TARGET_FORMS[options.get("activation", "softmax")][0], id=name)
+            for name, loss, options in losses]
 
 
-def check_loss(make_case, function, options, form, mask, fast_mode):
-    activation = options.get("activation", "softmax")
-    x, target, loss_mask, extra = inputs(make_case, activation, form, mask, function in LABEL_SET_LOSSES)
-    assert torch.autograd.gradcheck(lambda logits: function(logits, target, loss_mask, **extra, **options), (x,),
-                                    fast_mode=fast_mode)
-
-
-@pytest.mark.parametrize("function, module_class, options, form", richest(LOSSES))
-def test_gradcheck_full(make_case, function, module_class, options, form):
-    check_loss(make_case, function, options, form, mask=True, fast_mode=False)
-
-
-@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
-@pytest.mark.parametrize("function, module_class, options, form", target_forms(LOSSES))
-def test_gradcheck_fast(make_case, function, module_class, options, form, mask):
-    check_loss(make_case, function, options, form, mask=mask, fast_mode=True)
-
-
-class DiceValueDynamicMimeGradient(torch.autograd.Function):
-    """Forward: the Φ-Dice loss value; backward: dynamic mime's gradient. gradcheck compares the latter with
-    finite differences of the former, i.e. checks that dynamic mime's gradient is the Dice loss's derivative."""
+class PotentialValueOwnGradient(torch.autograd.Function):
+    """Forward: the value of the loss's ``gradient_of`` (dynamic mime: the Φ-Dice loss); backward: the loss's
+    own gradient. gradcheck compares the latter with finite differences of the former, i.e. checks that
+    the loss's gradient is the derivative of that other loss (dynamic mime's is the Dice loss's)."""
 
     @staticmethod
-    def forward(ctx, x, target, loss_mask, options):
+    def forward(ctx, x, target, loss_mask, loss, options):
         ctx.save_for_backward(x)
-        ctx.target, ctx.loss_mask, ctx.options = target, loss_mask, options
-        return phi_dice_loss(x, target, loss_mask, **options)
+        ctx.target, ctx.loss_mask, ctx.loss, ctx.options = target, loss_mask, loss, options
+        return loss.gradient_of(x, target, loss_mask, **options)
 
     @staticmethod
     def backward(ctx, grad_output):
         (x,) = ctx.saved_tensors
         with torch.enable_grad():
             x = x.detach().requires_grad_()
-            (grad,) = torch.autograd.grad(dynamic_mime_loss(x, ctx.target, ctx.loss_mask, **ctx.options), x)
-        return grad * grad_output, None, None, None
+            (grad,) = torch.autograd.grad(ctx.loss.function(x, ctx.target, ctx.loss_mask, **ctx.options), x)
+        return grad * grad_output, None, None, None, None
 
 
-def check_dynamic_mime(make_case, options, form, mask, fast_mode):
-    x, target, loss_mask, _ = inputs(make_case, options.get("activation", "softmax"), form, mask, False)
-    assert torch.autograd.gradcheck(lambda logits: DiceValueDynamicMimeGradient.apply(logits, target, loss_mask,
-                                                                                      options), (x,),
-                                    fast_mode=fast_mode)
+def check_loss(make_case, loss, options, form, mask, fast_mode):
+    """gradcheck of the loss's gradient against finite differences of its value, or of the value of its
+    ``gradient_of`` where its value is not the potential of its gradient (dynamic mime: its weights are
+    taken without gradient)."""
+    activation = options.get("activation", "softmax")
+    x, target, loss_mask, extra = inputs(make_case, activation, form, mask, loss.annotated)
+    options = {**extra, **options}
+    if loss.gradient_of is None:
+        def value(logits):
+            return loss.function(logits, target, loss_mask, **options)
+    else:
+        def value(logits):
+            return PotentialValueOwnGradient.apply(logits, target, loss_mask, loss, options)
+    assert torch.autograd.gradcheck(value, (x,), fast_mode=fast_mode)
 
 
-@pytest.mark.parametrize("function, module_class, options, form", richest(DYNAMIC_MIME))
-def test_gradcheck_full_dynamic_mime(make_case, function, module_class, options, form):
-    check_dynamic_mime(make_case, options, form, mask=True, fast_mode=False)
+@pytest.mark.parametrize("loss, options, form", richest(LOSSES))
+def test_gradcheck_full(make_case, loss, options, form):
+    check_loss(make_case, loss, options, form, mask=True, fast_mode=False)
 
 
 @pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
-@pytest.mark.parametrize("function, module_class, options, form", target_forms(DYNAMIC_MIME))
-def test_gradcheck_fast_dynamic_mime(make_case, function, module_class, options, form, mask):
-    check_dynamic_mime(make_case, options, form, mask=mask, fast_mode=True)
+@pytest.mark.parametrize("loss, options, form", target_forms(LOSSES))
+def test_gradcheck_fast(make_case, loss, options, form, mask):
+    check_loss(make_case, loss, options, form, mask=mask, fast_mode=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # module == function
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
-@pytest.mark.parametrize("function, module_class, options, form", target_forms(LOSSES + DYNAMIC_MIME))
-def test_module_equals_function(make_case, function, module_class, options, form, mask):
+@pytest.mark.parametrize("loss, options, form", target_forms(LOSSES))
+def test_module_equals_function(make_case, loss, options, form, mask):
     activation = options.get("activation", "softmax")
-    x, target, loss_mask, extra = inputs(make_case, activation, form, mask,
-                                         module_class in (MarginalDiceLoss, LeafDiceLoss))
-    module = module_class(**options)
+    x, target, loss_mask, extra = inputs(make_case, activation, form, mask, loss.annotated)
+    module = loss.module(**options)
 
     def value_and_gradient(loss):
         value = loss(x)
@@ -161,6 +110,6 @@ def test_module_equals_function(make_case, function, module_class, options, form
         return value.detach(), grad
 
     from_module = value_and_gradient(lambda logits: module(logits, target, loss_mask, **extra))
-    from_function = value_and_gradient(lambda logits: function(logits, target, loss_mask, **extra, **options))
+    from_function = value_and_gradient(lambda logits: loss.function(logits, target, loss_mask, **extra, **options))
     torch.testing.assert_close(from_module, from_function, rtol=0, atol=0)
     assert float(from_function[1].abs().max()) > 0

@@ -287,12 +287,12 @@ def test_marginal_penalty_gradient(penalty, activation):
         p_hat = torch.rand(batch, classes, generator=generator, dtype=torch.float64) * 0.9 + 0.05
         y_hat = torch.rand(batch, classes, generator=generator, dtype=torch.float64) * 0.9 + 0.05
     p_hat.requires_grad_()
-    (grad,) = torch.autograd.grad(marginal_penalty(y_hat, p_hat, penalty, activation), p_hat)
+    (grad,) = torch.autograd.grad(marginal_penalty(y_hat, p_hat, penalty=penalty, activation=activation), p_hat)
     torch.testing.assert_close(grad, penalty_gradient(y_hat, p_hat.detach(), penalty, activation, batch), rtol=1e-12,
                                atol=1e-15)
 
 
-DEFAULT_LAMBDA = {"l1": 1.0, "kl": 0.1, "dice_bias": 0.01}  # LOSSES.md §4 and the docstring
+DEFAULT_LAMBDA = {"l1": 1.0, "kl": 0.1, "dice_bias": 0.01}  # docs/losses.md §4 and the docstring
 
 
 @pytest.mark.parametrize("tau", [10.0, 1.5])

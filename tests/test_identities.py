@@ -9,13 +9,9 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.loss.robust_ce_loss import RobustCrossEntropyLoss
 from nnunetv2.utilities.helpers import softmax_helper_dim1
 
+from loss_registry import variants
 from nnunet_losses import (
-    DynamicMimeLoss,
     LabelMarginalLoss,
-    LeafDiceLoss,
-    MarginalDiceLoss,
-    MimeLoss,
-    NegativeMimeLoss,
     PhiDiceLoss,
     leaf_dice_loss,
     marginal_dice_loss,
@@ -85,7 +81,7 @@ def test_sigmoid_phi_dice_equals_nnunet_region_dice(make_case, phi, spatial, mas
 def test_label_marginal_without_penalty_equals_nnunet_cross_entropy(make_case, penalty, spatial):
     case = make_case(SPATIAL[spatial], seed=12)
     target = case.labels.to(torch.float64)  # nnU-Net's dataloader hands float label maps to the loss
-    ours = LabelMarginalLoss(penalty, lam=0)
+    ours = LabelMarginalLoss(penalty=penalty, lam=0)
     assert_same(value_and_gradient(lambda x: ours(x, target), case.x),
                 value_and_gradient(lambda x: RobustCrossEntropyLoss()(x, target), case.x), EXACT)
 
@@ -95,7 +91,7 @@ def test_label_marginal_without_penalty_equals_nnunet_cross_entropy_with_ignore_
     case = make_case(SPATIAL[spatial], seed=13, mask=True)
     ignore = 3  # C = 3 classes, label 3 is nnU-Net's ignore label
     target = torch.where(case.mask.bool(), case.labels, ignore).to(torch.float64)
-    ours = LabelMarginalLoss("kl", lam=0, ignore_label=ignore)
+    ours = LabelMarginalLoss(penalty="kl", lam=0, ignore_label=ignore)
     assert_same(value_and_gradient(lambda x: ours(x, target), case.x),
                 value_and_gradient(lambda x: RobustCrossEntropyLoss(ignore_index=ignore)(x, target), case.x), EXACT)
 
@@ -103,7 +99,7 @@ def test_label_marginal_without_penalty_equals_nnunet_cross_entropy_with_ignore_
 @pytest.mark.parametrize("spatial", SPATIAL)
 def test_sigmoid_label_marginal_without_penalty_equals_bce_with_logits(make_case, spatial):
     case = make_case(SPATIAL[spatial], seed=14)
-    ours = LabelMarginalLoss("l1", lam=0, activation="sigmoid")
+    ours = LabelMarginalLoss(penalty="l1", lam=0, activation="sigmoid")
     assert_same(value_and_gradient(lambda x: ours(x, case.regions), case.x),
                 value_and_gradient(lambda x: torch.nn.BCEWithLogitsLoss()(x, case.regions), case.x), EXACT)
 
@@ -112,7 +108,7 @@ def test_sigmoid_label_marginal_without_penalty_equals_bce_with_logits(make_case
 def test_sigmoid_label_marginal_masked_cross_entropy_is_mean_over_counted_voxels_and_regions(make_case, spatial):
     # the mean over counted (voxel, region) pairs, consistent with the unmasked BCEWithLogitsLoss above
     case = make_case(SPATIAL[spatial], seed=15, mask=True)
-    ours = LabelMarginalLoss("l1", lam=0, activation="sigmoid")
+    ours = LabelMarginalLoss(penalty="l1", lam=0, activation="sigmoid")
 
     def reference(x):
         per_element = torch.nn.BCEWithLogitsLoss(reduction="none")(x, case.regions)
@@ -130,7 +126,7 @@ def test_label_marginal_skips_fully_masked_images(make_case, penalty, activation
     mask = case.mask.clone()
     mask[1] = 0
     target = case.target(activation)
-    loss = LabelMarginalLoss(penalty, activation=activation)
+    loss = LabelMarginalLoss(penalty=penalty, activation=activation)
     both_value, both_grad = value_and_gradient(lambda x: loss(x, target, mask), case.x)
     first_value, first_grad = value_and_gradient(lambda x: loss(x, target[:1], mask[:1]), case.x[:1])
     torch.testing.assert_close(both_value, first_value, **EXACT)
@@ -227,23 +223,9 @@ def test_class_reductions_with_one_class_equal_their_per_class_reductions(make_c
                 value_and_gradient(lambda x: phi_dice_loss(x, case.labels, phi=phi, epsilon=0.3), case.x), EXACT)
 
 
-# every loss that takes a label map: (name, module class, arguments chosen so that they matter)
-SOFTMAX_LOSSES = [
-    ("mime", MimeLoss, dict(a=(0.5, 1.5, 3.0), b=(0.2, 0.05, 0.4))),
-    ("mime-nobg", MimeLoss, dict(include_background=False)),
-    ("negative_mime", NegativeMimeLoss, {}),
-    ("dynamic_mime-I", DynamicMimeLoss, dict(phi="I", epsilon=(0.5, 2.0, 7.0))),
-    ("dynamic_mime-BCI", DynamicMimeLoss, dict(phi="BCI", include_background=True, epsilon=0.7)),
-    ("phi_dice-I", PhiDiceLoss, dict(phi="I", epsilon=(0.5, 2.0, 7.0))),
-    ("phi_dice-CI", PhiDiceLoss, dict(phi="CI", epsilon=0.7, include_background=True)),
-    ("phi_dice-BI", PhiDiceLoss, dict(phi="BI", epsilon=0.7)),
-    ("phi_dice-BCI", PhiDiceLoss, dict(phi="BCI", epsilon=0.7)),
-    ("marginal_dice", MarginalDiceLoss, dict(epsilon=0.7)),
-    ("leaf_dice", LeafDiceLoss, dict(epsilon=0.7, include_background=True)),
-    ("label_marginal-l1", LabelMarginalLoss, dict(penalty="l1", tau=2.0)),
-    ("label_marginal-kl", LabelMarginalLoss, dict(penalty="kl")),
-    ("label_marginal-dice_bias", LabelMarginalLoss, dict(penalty="dice_bias", lam=0.5)),
-]
+# every loss that takes a label map (tests/loss_registry.py): (name, module class, arguments chosen so
+# that they matter)
+SOFTMAX_LOSSES = [(variant.id, loss.module, variant.resolve()) for loss, variant in variants("identities")]
 SOFTMAX_LOSS_IDS = [name for name, _, _ in SOFTMAX_LOSSES]
 
 

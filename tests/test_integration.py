@@ -10,35 +10,14 @@ import pytest
 import torch
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
-from nnunet_losses import (
-    DynamicMimeLoss,
-    LabelMarginalLoss,
-    LeafDiceLoss,
-    MarginalDiceLoss,
-    MimeLoss,
-    NegativeMimeLoss,
-    PhiDiceLoss,
-    phi_dice_loss,
-)
+from loss_registry import LOSSES as REGISTRY
+from loss_registry import PROPERTY_TESTS, variants
+from nnunet_losses import MimeLoss, PhiDiceLoss, phi_dice_loss
 
 CHANNELS = 3
 
-LOSSES = {
-    "mime": lambda: MimeLoss(),
-    "mime_sigmoid": lambda: MimeLoss(a=[1.0, 2.0, 3.0], activation="sigmoid"),
-    "negative_mime": lambda: NegativeMimeLoss(),
-    "dynamic_mime_BI": lambda: DynamicMimeLoss("BI"),
-    "dice_I": lambda: PhiDiceLoss("I"),
-    "dice_CI": lambda: PhiDiceLoss("CI"),
-    "dice_BI_per_class_eps": lambda: PhiDiceLoss("BI", epsilon=[1.0, 5.0, 0.5]),
-    "dice_BCI_sigmoid": lambda: PhiDiceLoss("BCI", activation="sigmoid"),
-    "marginal": lambda: MarginalDiceLoss(),
-    "leaf": lambda: LeafDiceLoss(),
-    "leaf_sigmoid": lambda: LeafDiceLoss(activation="sigmoid"),
-    "ce_l1": lambda: LabelMarginalLoss("l1"),
-    "ce_kl_sigmoid": lambda: LabelMarginalLoss("kl", activation="sigmoid"),
-}
-ANNOTATED = {"marginal", "leaf", "leaf_sigmoid"}
+# every loss's deep-supervision configurations (tests/loss_registry.py): id -> (loss, variant)
+LOSSES = {variant.id: (loss, variant) for loss, variant in variants("integration")}
 
 
 def nnunet_weights(scales: int) -> list:
@@ -72,13 +51,14 @@ def pyramid(scales: int, sigmoid: bool, seed: int):
 @pytest.mark.parametrize("scales", [2, 3])
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_deep_supervision_wrapper_is_the_weighted_sum(name, scales):
-    loss = LOSSES[name]()
-    outputs, targets, masks = pyramid(scales, sigmoid=name.endswith("sigmoid"), seed=scales)
+    entry, variant = LOSSES[name]
+    loss = entry.module(**variant.resolve(CHANNELS))
+    outputs, targets, masks = pyramid(scales, sigmoid=variant.activation == "sigmoid", seed=scales)
     weights = nnunet_weights(scales)
     # the wrapper zips its list arguments, so MarginalDiceLoss/LeafDiceLoss get their annotated
     # table per scale as a fourth list (the label sets do not depend on the resolution)
     extra = []
-    if name in ANNOTATED:  # class 2 missing in sample 1 (pyramid() leaves no voxel of it there)
+    if entry.annotated:  # class 2 missing in sample 1 (pyramid() leaves no voxel of it there)
         annotated = torch.tensor([[True, True, True], [True, True, False]])
         extra = [[annotated] * scales]
 
@@ -138,13 +118,11 @@ def test_compiled_loss_equals_eager(make_loss):
 # ------------------------------------------------------------------------------------------------
 # buffers: dtype moves and state_dict
 # ------------------------------------------------------------------------------------------------
-# module -> (build from buffer values, buffer values); every value exactly representable in float32
+# module -> (build from buffer values, buffer values), for every loss with buffers (tests/loss_registry.py:
+# its `state`, every value exactly representable in float32, and `state_options`)
 BUFFERED = {
-    "MimeLoss": (lambda v: MimeLoss(a=v["a"], b=v["b"]), {"a": [1.0, 1.9375, 3.5], "b": [0.125, 0.25, 0.0]}),
-    "PhiDiceLoss": (lambda v: PhiDiceLoss(phi="BI", epsilon=v["epsilon"]), {"epsilon": [0.5, 3.0, 7.25]}),
-    "DynamicMimeLoss": (lambda v: DynamicMimeLoss(phi="I", epsilon=v["epsilon"]), {"epsilon": [0.0, 2.0, 1.5]}),
-    "MarginalDiceLoss": (lambda v: MarginalDiceLoss(epsilon=v["epsilon"]), {"epsilon": [1.0, 0.25, 4.0]}),
-    "LeafDiceLoss": (lambda v: LeafDiceLoss(epsilon=v["epsilon"]), {"epsilon": 0.75}),
+    loss.module.__name__: (lambda v, loss=loss: loss.module(**loss.state_options, **v), dict(loss.state))
+    for loss in REGISTRY.values() if loss.state
 }
 
 
@@ -223,6 +201,12 @@ def test_heuristic_epsilon_written_into_the_buffer():
     torch.testing.assert_close(assigned.state_dict()["epsilon"], estimated, rtol=0, atol=0)
 
 
-def test_modules_without_hyperparameter_tensors_have_an_empty_state_dict():
-    assert NegativeMimeLoss().state_dict() == {}
-    assert LabelMarginalLoss("kl").state_dict() == {}
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_the_state_dict_holds_the_buffers_and_nothing_else(name):
+    # in every configuration of every property test, and with the defaults: a module without
+    # hyperparameter tensors (negative mime, label-marginal) has an empty state_dict
+    loss = REGISTRY[name]
+    configurations = [{}] + [variant.resolve(CHANNELS) for test in PROPERTY_TESTS
+                             for entry, variant in variants(test) if entry is loss]
+    for options in configurations:
+        assert sorted(loss.module(**options).state_dict()) == sorted(loss.state), options

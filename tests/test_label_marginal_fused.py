@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import nnunet_losses.losses.label_marginal as label_marginal
+from loss_registry import TARGET_FORMS
 from nnunet_losses import label_marginal_loss
 from nnunet_losses.losses._inputs import prepare
 from nnunet_losses.losses.label_marginal import _CrossEntropyAndMarginals
@@ -26,7 +27,7 @@ def make_inputs(kind: str, masked: bool, seed: int = 0):
     labels = torch.randint(0, channels, (batch, 1, *spatial), generator=generator)
     if kind == "labels":
         y = labels
-    elif kind == "onehot":
+    elif kind == "one_hot":
         y = torch.zeros(SHAPE, dtype=torch.float64).scatter_(1, labels, 1)
     else:  # regions
         y = (torch.rand(SHAPE, generator=generator) < 0.4).to(torch.float64)
@@ -54,11 +55,12 @@ def reference_sums(x, y, mask, tau, activation):
 
 def fused_sums(x, y, mask, tau, activation, keep=True):
     prepared = prepare(x, y, mask, activation)
-    return _CrossEntropyAndMarginals.apply(x, prepared.labels, prepared.given_target, prepared.mask,
+    return _CrossEntropyAndMarginals.apply(x, prepared.labels, prepared.target, prepared.mask,
                                            activation == "softmax", tau, keep)
 
 
-CASES = [("labels", "softmax"), ("onehot", "softmax"), ("regions", "sigmoid")]
+# (target kind, activation): the target forms the losses take (tests/loss_registry.py)
+CASES = [(kind, activation) for activation, kinds in TARGET_FORMS.items() for kind in kinds]
 
 
 @pytest.fixture(params=[1 << 22, 37], ids=["one-slice", "many-slices"])
@@ -130,7 +132,11 @@ def test_loss_with_ignore_label_and_mask_equals_plain_autograd(kind, activation)
         return ce + lam * (per_image * valid).sum() / valid.sum()
 
     values = []
-    for loss in (lambda l: label_marginal_loss(l, y, mask_for_loss, "l1", lam, tau, activation, ignore), reference):
+    def ours(logits):
+        return label_marginal_loss(logits, y, mask_for_loss, penalty="l1", lam=lam, tau=tau, activation=activation,
+                                   ignore_label=ignore)
+
+    for loss in (ours, reference):
         logits = x.clone().requires_grad_()
         value = loss(logits)
         (grad,) = torch.autograd.grad(value, logits)
@@ -149,7 +155,7 @@ def test_gradcheck(kind, activation, masked, chunk_elements):
     labels = torch.randint(0, 3, (2, 1, 4, 4, 4), generator=generator)
     if kind == "labels":
         y = labels
-    elif kind == "onehot":
+    elif kind == "one_hot":
         y = torch.zeros(shape, dtype=torch.float64).scatter_(1, labels, 1)
     else:
         y = (torch.rand(shape, generator=generator) < 0.5).to(torch.float64)
@@ -157,7 +163,7 @@ def test_gradcheck(kind, activation, masked, chunk_elements):
     prepared = prepare(x, y, mask, activation)
 
     def function(logits):
-        return _CrossEntropyAndMarginals.apply(logits, prepared.labels, prepared.given_target, prepared.mask,
+        return _CrossEntropyAndMarginals.apply(logits, prepared.labels, prepared.target, prepared.mask,
                                                activation == "softmax", 2.0, True)
 
     assert torch.autograd.gradcheck(function, (x,), fast_mode=True)
@@ -167,7 +173,7 @@ def test_gradcheck(kind, activation, masked, chunk_elements):
 def test_second_backward_with_retain_graph_gives_the_same_gradient(kind, activation, chunk_elements):
     x, y, mask = make_inputs(kind, masked=True, seed=6)
     logits = x.clone().requires_grad_()
-    value = label_marginal_loss(logits, y, mask, "kl", 0.3, 10.0, activation)
+    value = label_marginal_loss(logits, y, mask, penalty="kl", lam=0.3, tau=10.0, activation=activation)
     (first,) = torch.autograd.grad(value, logits, retain_graph=True)
     (second,) = torch.autograd.grad(value, logits)
     torch.testing.assert_close(second, first, rtol=0, atol=1e-15)
@@ -214,8 +220,8 @@ def test_float32_under_autocast_returns_float32_sums_and_a_gradient_in_the_logit
     x, y, mask = make_inputs("labels", masked=True, seed=8)
     logits = x.to(torch.bfloat16).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        value = label_marginal_loss(logits, y, mask, "l1")
+        value = label_marginal_loss(logits, y, mask, penalty="l1")
     (grad,) = torch.autograd.grad(value, logits)
     assert value.dtype == torch.float32 and grad.dtype == torch.bfloat16
-    reference = label_marginal_loss(logits.detach().to(torch.float32), y, mask, "l1")
+    reference = label_marginal_loss(logits.detach().to(torch.float32), y, mask, penalty="l1")
     torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)

@@ -8,41 +8,40 @@ from __future__ import annotations
 import pytest
 import torch
 
+import loss_registry
 from nnunet_losses import MarginalDiceLoss, MimeLoss, PhiDiceLoss
 from nnunet_losses.losses._inputs import prepare
-from nnunet_losses.losses._overlap_sums import overlap_stats
+from nnunet_losses.losses._overlap_sums import overlap_sums
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
-TARGET_FORMS = [  # (activation, target attribute of the Case)
-    ("softmax", "labels"),
-    ("softmax", "one_hot"),
-    ("sigmoid", "regions"),
+TARGET_FORMS = [  # (activation, target attribute of the Case), as the losses take them (tests/loss_registry.py)
+    (activation, form) for activation, forms in loss_registry.TARGET_FORMS.items() for form in forms
 ]
 
 
 def overlap_node(loss: torch.Tensor):
-    """The autograd node of ``_OverlapSums`` in the graph of ``loss`` (the node is its ctx)."""
+    """The autograd node of ``OverlapSumsFunction`` in the graph of ``loss`` (the node is its ctx)."""
     pending, seen = [loss.grad_fn], set()
     while pending:
         node = pending.pop()
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        if type(node).__name__ == "_OverlapSumsBackward":
+        if type(node).__name__ == "OverlapSumsFunctionBackward":
             return node
         pending.extend(next_node for next_node, _ in node.next_functions)
-    raise AssertionError("no _OverlapSums node in the graph")
+    raise AssertionError("no OverlapSumsFunction node in the graph")
 
 
 def weighted_sums(x, target, mask, activation, background_row=False):
     """A scalar with distinct weights on every (b, c) sum, so that every output gets a gradient."""
     prepared = prepare(x, target, mask, activation, None)
-    stats = overlap_stats(x, prepared, activation, background_row=background_row)
-    weights = torch.arange(1.0, 1.0 + stats[0].numel(), dtype=x.dtype).view_as(stats[0])
-    total = (weights * stats[0]).sum() - (weights.flip(0) * stats[1]).sum() / 3
+    sums = overlap_sums(x, prepared, activation, background_row=background_row)
+    weights = torch.arange(1.0, 1.0 + sums.intersection.numel(), dtype=x.dtype).view_as(sums.intersection)
+    total = (weights * sums.intersection).sum() - (weights.flip(0) * sums.prediction).sum() / 3
     if background_row:
-        total = total + (weights.sqrt() * stats[3]).sum()
+        total = total + (weights.sqrt() * sums.background_row).sum()
     return total
 
 
@@ -64,7 +63,7 @@ def case_target(case, form: str) -> torch.Tensor:
     return getattr(case, form)
 
 
-# the background row (marginal Dice) exists for softmax only: overlap_stats refuses it for sigmoid
+# the background row (marginal Dice) exists for softmax only: overlap_sums refuses it for sigmoid
 WITH_ROW = [(activation, form, row) for activation, form in TARGET_FORMS
             for row in ((False, True) if activation == "softmax" else (False,))]
 
@@ -99,7 +98,7 @@ def test_second_backward_recomputes_the_consumed_probabilities(make_case, activa
 def test_probabilities_are_kept_until_the_backward_consumes_them(make_case):
     case = make_case(spatial=(4, 5), batch=2, channels=3)
     x = case.x.clone().requires_grad_(True)
-    loss = PhiDiceLoss("I")(x, case.labels)
+    loss = PhiDiceLoss(phi="I")(x, case.labels)
     node = overlap_node(loss)
     assert node.probs.shape == (2, 3, 20)
     torch.testing.assert_close(node.probs, torch.softmax(case.x, 1).flatten(2))
@@ -112,17 +111,17 @@ def test_probabilities_are_freed_when_no_gradient_is_wanted_and_after_the_backwa
     inference), and are released by the backward that consumes them."""
     import weakref
 
-    from nnunet_losses.losses import _overlap_sums as _utils
+    from nnunet_losses.losses import _overlap_sums as overlap_module
 
     alive = []
-    original = _utils._overlap_forward
+    original = overlap_module._overlap_sums_forward
 
     def spy(*arguments):
         result = original(*arguments)
         alive.append(weakref.ref(result[3]))  # the probabilities the Function could keep
         return result
 
-    monkeypatch.setattr(_utils, "_overlap_forward", spy)
+    monkeypatch.setattr(overlap_module, "_overlap_sums_forward", spy)
     case = make_case(spatial=(4, 5), channels=3)
     x = case.x.clone().requires_grad_(True)
     with torch.no_grad():
@@ -130,7 +129,7 @@ def test_probabilities_are_freed_when_no_gradient_is_wanted_and_after_the_backwa
     MimeLoss()(case.x, case.labels)  # logits without requires_grad
     assert len(alive) == 2 and all(ref() is None for ref in alive)
 
-    loss = PhiDiceLoss("I")(x, case.labels)
+    loss = PhiDiceLoss(phi="I")(x, case.labels)
     assert alive[-1]() is not None  # kept for the backward
     (grad,) = torch.autograd.grad(loss, x)
     assert grad.abs().sum() > 0
@@ -161,12 +160,12 @@ def test_overlap_sums_operator_passes_opcheck(make_case):
 
 
 def test_overlap_sums_operator_equals_the_function(make_case):
-    from nnunet_losses.losses._overlap_sums import _OverlapSums, _overlap_sums_op
+    from nnunet_losses.losses._overlap_sums import OverlapSumsFunction, overlap_sums_op
 
     for x, labels, target, mask, softmax, row in operator_cases(make_case):
         x_op, x_fn = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        by_op = _overlap_sums_op(x_op, labels, target, mask, softmax, row)
-        by_function = _OverlapSums.apply(x_fn, labels, target, mask, softmax, row)
+        by_op = overlap_sums_op(x_op, labels, target, mask, softmax, row)
+        by_function = OverlapSumsFunction.apply(x_fn, labels, target, mask, softmax, row)
         weights = torch.arange(1.0, 1.0 + by_op[0].numel()).view_as(by_op[0])
         total_op = sum((weights * t).sum() for t in by_op[:2]) + (by_op[2].sum() if row else 0)
         total_fn = sum((weights * t).sum() for t in by_function[:2]) + (by_function[2].sum() if row else 0)
@@ -190,7 +189,7 @@ def test_compiled_losses_call_the_operator_without_graph_breaks(make_case):
         graphs.append([str(node.target) for node in graph_module.graph.nodes])
         return graph_module.forward
 
-    for loss in (PhiDiceLoss("BI"), MimeLoss(), MarginalDiceLoss()):
+    for loss in (PhiDiceLoss(phi="BI"), MimeLoss(), MarginalDiceLoss()):
         graphs.clear()
         extra = (None, annotated) if isinstance(loss, MarginalDiceLoss) else ()
         x = case.x.clone().requires_grad_(True)
@@ -204,7 +203,7 @@ def test_compiled_losses_call_the_operator_without_graph_breaks(make_case):
         torch.testing.assert_close(x.grad, x_eager.grad)
         targets = [target for graph in graphs for target in graph]
         assert any("nnunet_losses.overlap_sums" in t for t in targets), type(loss).__name__
-        assert not any("_OverlapSums" in t for t in targets), type(loss).__name__
+        assert not any("OverlapSumsFunction" in t for t in targets), type(loss).__name__
         # one graph, unless prepare's label-range check (a host read, skipped when compiling) came back
         assert len(graphs) == 1, (type(loss).__name__, len(graphs))
 
@@ -230,8 +229,8 @@ def test_gradient_with_the_same_weight_for_every_class(make_case, mask, uniform)
     w_int = per_sample if uniform in ("both", "intersection") else varied
     w_pred = 0.4 * per_sample if uniform in ("both", "prediction") else varied.flip(1)
     x = case.x.clone().requires_grad_(True)
-    stats = overlap_stats(x, prepare(x, case.labels, case.mask, "softmax", None), "softmax")
-    value = (w_int * stats[0]).sum() + (w_pred * stats[1]).sum()
+    sums = overlap_sums(x, prepare(x, case.labels, case.mask, "softmax", None), "softmax")
+    value = (w_int * sums.intersection).sum() + (w_pred * sums.prediction).sum()
     x_ref = case.x.clone().requires_grad_(True)
     s = torch.softmax(x_ref, 1)
     m = torch.ones_like(s[:, :1]) if case.mask is None else case.mask

@@ -175,8 +175,8 @@ DICE_GRADIENT_WEIGHTS_TABLE = [
 @pytest.mark.parametrize("intersection, prediction, ground_truth, epsilon, num_subsets, a, b",
                          DICE_GRADIENT_WEIGHTS_TABLE)
 def test_dice_gradient_weights_values(intersection, prediction, ground_truth, epsilon, num_subsets, a, b):
-    got_a, got_b = dice_gradient_weights(*(torch.tensor(v, dtype=F64) for v in (intersection, prediction,
-                                                                                 ground_truth)), epsilon, num_subsets)
+    sums = (torch.tensor(v, dtype=F64) for v in (intersection, prediction, ground_truth))
+    got_a, got_b = dice_gradient_weights(*sums, epsilon=epsilon, num_subsets=num_subsets)
     assert (float(got_a), float(got_b)) == pytest.approx((a, b), rel=1e-12)
 
 

@@ -28,8 +28,8 @@ class nnUNetTrainerDiceI(nnUNetTrainer):
     include_background = False
 
     def _phi_dice_loss(self) -> PhiDiceLoss:
-        return PhiDiceLoss(self.phi, self.epsilon, self.include_background, ddp=self.is_ddp,
-                           **loss_target_options(self))
+        return PhiDiceLoss(phi=self.phi, epsilon=self.epsilon, include_background=self.include_background,
+                           ddp=self.is_ddp, **loss_target_options(self))
 
     def _build_loss(self):
         return assemble_loss(self, self._phi_dice_loss())

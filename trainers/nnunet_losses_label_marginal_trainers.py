@@ -21,7 +21,8 @@ class nnUNetTrainerCEL1(nnUNetTrainer):
     tau = 10.0
 
     def _build_loss(self):
-        return assemble_loss(self, LabelMarginalLoss(self.penalty, self.lam, self.tau, **loss_target_options(self)))
+        return assemble_loss(self, LabelMarginalLoss(penalty=self.penalty, lam=self.lam, tau=self.tau,
+                                                     **loss_target_options(self)))
 
 
 class nnUNetTrainerCEKL(nnUNetTrainerCEL1):

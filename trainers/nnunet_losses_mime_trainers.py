@@ -21,8 +21,8 @@ class nnUNetTrainerMime(nnUNetTrainer):
     reduction = "mean"  # per-voxel mean keeps nnU-Net's learning rate and gradient clipping sensible
 
     def _build_loss(self):
-        return assemble_loss(self, MimeLoss(self.a, self.b, self.include_background, reduction=self.reduction,
-                                            **loss_target_options(self)))
+        return assemble_loss(self, MimeLoss(a=self.a, b=self.b, include_background=self.include_background,
+                                            reduction=self.reduction, **loss_target_options(self)))
 
 
 class nnUNetTrainerNegativeMime(nnUNetTrainer):
@@ -34,5 +34,5 @@ class nnUNetTrainerNegativeMime(nnUNetTrainer):
     def _build_loss(self):
         refuse_regions(self, "with independent sigmoid regions the negative mime is minimised by predicting "
                              "everything as foreground; use nnUNetTrainerMime")
-        return assemble_loss(self, NegativeMimeLoss(self.include_background, self.reduction,
-                                                    **loss_target_options(self)))
+        return assemble_loss(self, NegativeMimeLoss(include_background=self.include_background,
+                                                    reduction=self.reduction, **loss_target_options(self)))

@@ -29,7 +29,8 @@ class nnUNetTrainerMarginalDice(MissingLabelTrainer):
     def _build_loss(self):
         refuse_regions(self, "marginal Dice merges missing classes into the background channel, which region "
                              "outputs do not have; use nnUNetTrainerLeafDice")
-        loss = MarginalDiceLoss(self.epsilon, self.include_background, **loss_target_options(self))
+        loss = MarginalDiceLoss(epsilon=self.epsilon, include_background=self.include_background,
+                                **loss_target_options(self))
         return assemble_loss(self, TrainerLossCall(loss, self.call_missing_label_loss))
 
 
@@ -45,5 +46,6 @@ class nnUNetTrainerLeafDice(MissingLabelTrainer):
     include_background = True
 
     def _build_loss(self):
-        loss = LeafDiceLoss(self.epsilon, self.include_background, **loss_target_options(self))
+        loss = LeafDiceLoss(epsilon=self.epsilon, include_background=self.include_background,
+                            **loss_target_options(self))
         return assemble_loss(self, TrainerLossCall(loss, self.call_missing_label_loss))

@@ -17,16 +17,26 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import NoReturn, Optional, Sequence, Union
+from typing import Mapping, NoReturn, Optional, Sequence, Union
 
 import numpy as np
 from tqdm import tqdm
 
+from ..nnunet_io import (
+    datasets_with_id,
+    load_dataset_json,
+    raw_dataset_name,
+    raw_folder,
+    reader_writer_for,
+    save_dataset_json,
+    training_files,
+)
 from ..training.label_sets import ANNOTATED_LABELS_KEY, LabelResolver, validate_annotated_labels
+from ._output import folder_renamed_into_place
+from ._subcommand import add_subcommand
 
 COMMAND = "derive-partial"
 
@@ -62,36 +72,27 @@ def _fail(message: str) -> NoReturn:
     raise ValueError(message)
 
 
-def _raw_root() -> str:
-    from nnunetv2.paths import nnUNet_raw
+@dataclass(frozen=True)
+class _Source:
+    """The fully labelled dataset in nnUNet_raw."""
 
-    if not nnUNet_raw.is_set():
-        _fail("nnUNet_raw: expected the environment variable to point to nnU-Net's raw data folder, got it unset")
-    root = nnUNet_raw.get()
-    if not os.path.isdir(root):
-        _fail(f"nnUNet_raw: expected an existing folder, got {root!r}")
-    return root
+    raw_root: str
+    name: str
+    folder: str
+    dataset_json: Mapping
 
 
-def _source_name(source: Union[str, int], raw_root: str) -> str:
-    """The source's dataset name, resolved the way nnU-Net's commands resolve ``-d``, and checked to be in nnUNet_raw."""
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    try:
-        name = maybe_convert_to_dataset_name(source)
-    except (RuntimeError, ValueError) as error:
-        _fail(f"source: expected a dataset id or name found in nnUNet_raw ({raw_root}), got {source!r}: {error}")
-    if not os.path.isfile(os.path.join(raw_root, name, "dataset.json")):
-        _fail(f"source: expected a raw dataset with a dataset.json in {os.path.join(raw_root, name)}, got none")
-    return name
+def _source_dataset(source: Union[str, int]) -> _Source:
+    raw_root = raw_folder()
+    name = raw_dataset_name(source, raw_root)
+    folder = os.path.join(raw_root, name)
+    return _Source(raw_root, name, folder, load_dataset_json(os.path.join(folder, "dataset.json")))
 
 
 def _target_name(target_id: int, target_name: Optional[str], source_name: str) -> str:
-    from nnunetv2.utilities.dataset_name_id_conversion import find_candidate_datasets
-
     if isinstance(target_id, bool) or not isinstance(target_id, int) or not 1 <= target_id <= 999:
         _fail(f"target_id: expected a dataset id in [1, 999] (nnU-Net names datasets DatasetXXX_Name), got {target_id!r}")
-    existing = list(find_candidate_datasets(target_id))
+    existing = datasets_with_id(target_id)
     if existing:
         _fail(
             f"target_id: expected an unused dataset id, got {target_id}, already used by {', '.join(existing)} "
@@ -173,103 +174,115 @@ def derive_partial_dataset(
     ignore label are kept. Every check runs before anything is written; the dataset is assembled in a
     hidden temporary folder and renamed into place at the end, so a failure leaves nothing behind.
     """
-    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-
     # ---- every check before anything is written
     if not isinstance(empty, bool):
         _fail(f"empty: expected a bool, got {empty!r}")
     if empty == (remove_labels is not None):
         _fail("operation: expected exactly one of --remove-labels and --empty, got "
               + ("both" if empty else "neither"))
-    raw_root = _raw_root()
-    source_name = _source_name(source, raw_root)
-    source_folder = os.path.join(raw_root, source_name)
-    dataset_json = load_json(os.path.join(source_folder, "dataset.json"))
-    target = _target_name(target_id, target_name, source_name)
-    target_folder = os.path.join(raw_root, target)
+    source_dataset = _source_dataset(source)
+    target = _target_name(target_id, target_name, source_dataset.name)
+    target_folder = os.path.join(source_dataset.raw_root, target)
     if os.path.exists(target_folder):
         _fail(f"target: expected a new dataset folder, got existing {target_folder}")
+    resolver = LabelResolver(source_dataset.dataset_json)
+    removed = _labels_to_remove(resolver, empty, remove_labels)
+    files = _source_training_files(source_dataset)
+    identifiers = sorted(files)
+    previous_sets = validate_annotated_labels(source_dataset.dataset_json, identifiers, resolver.label_manager)
+    selected = _select_cases(identifiers, cases_pattern, cases_file, fraction, seed)
+    selection = ({"cases_pattern": cases_pattern} if cases_pattern is not None
+                 else {"cases_file": os.path.abspath(cases_file)} if cases_file is not None
+                 else {"fraction": fraction, "seed": seed})
+    new_json = _derived_dataset_json(source_dataset, resolver, previous_sets, selected, removed, empty, selection)
+    reader_writer = reader_writer_for(files[identifiers[0]]["images"][0], source_dataset.dataset_json)
 
-    resolver = LabelResolver(dataset_json)
+    # ---- writing, into a hidden folder renamed into place at the end
+    derivation = Derivation(source=source_dataset.name, target=target, target_folder=target_folder,
+                            num_cases=len(identifiers), selected=selected, removed_labels=sorted(removed),
+                            names={v: shown for v, shown in zip(sorted(removed), resolver.describe(removed))
+                                   if isinstance(shown, str)})
+    with folder_renamed_into_place(target_folder) as work:
+        removed_voxels = _write_training_cases(work, files, identifiers, set(selected), removed, reader_writer,
+                                               source_dataset.dataset_json["file_ending"], progress)
+        _copy_test_folders(source_dataset.folder, work)
+        save_dataset_json(new_json, work)
+    derivation.removed_voxels = {value: removed_voxels.get(value, 0) for value in sorted(removed)}
+    return derivation
+
+
+def _copy_test_folders(source_folder: str, work: str) -> None:
+    for folder in ("imagesTs", "labelsTs"):
+        if os.path.isdir(os.path.join(source_folder, folder)):
+            shutil.copytree(os.path.join(source_folder, folder), os.path.join(work, folder))
+
+
+def _labels_to_remove(resolver: LabelResolver, empty: bool, remove_labels) -> frozenset:
+    """The label values set to background: every foreground label with ``empty``, else ``remove_labels`` resolved."""
     if empty:
-        removed = resolver.foreground_values
-    else:
-        if isinstance(remove_labels, (str, int)):
-            remove_labels = [remove_labels]
-        if not remove_labels:
-            _fail("--remove-labels: expected at least one label name or value, got none")
-        removed = resolver.resolve_all(remove_labels, "--remove-labels")
+        return resolver.foreground_values
+    if isinstance(remove_labels, (str, int)):
+        remove_labels = [remove_labels]
+    if not remove_labels:
+        _fail("--remove-labels: expected at least one label name or value, got none")
+    return resolver.resolve_all(remove_labels, "--remove-labels")
 
-    # a deep copy: nnU-Net's helper rewrites the 'dataset' entry's paths in place
-    files = get_filenames_of_train_images_and_targets(source_folder, copy.deepcopy(dataset_json))
-    identifiers = sorted(str(case) for case in files)  # nnU-Net returns numpy strings
-    if not identifiers:
-        _fail(f"source: expected training cases in {source_folder}, got none")
-    missing = [path for case in identifiers for path in (*files[case]["images"], files[case]["label"])
+
+def _source_training_files(source: _Source) -> dict:
+    """Case → its image and label files, checked to be there."""
+    files = training_files(source.folder, source.dataset_json)
+    if not files:
+        _fail(f"source: expected training cases in {source.folder}, got none")
+    missing = [path for case in sorted(files) for path in (*files[case]["images"], files[case]["label"])
                if not os.path.isfile(path)]
     if missing:
         _fail(f"source: expected every training image and label file to exist, got {len(missing)} missing, "
               f"e.g. {missing[0]}")
-    previous_sets = validate_annotated_labels(dataset_json, identifiers, resolver.label_manager)
-    selected = _select_cases(identifiers, cases_pattern, cases_file, fraction, seed)
+    return files
 
+
+def _derived_dataset_json(source: _Source, resolver: LabelResolver, previous_sets: Mapping, selected: list,
+                          removed: frozenset, empty: bool, selection: dict) -> dict:
+    """The source's dataset.json with the new label sets under ``annotated_labels`` and what was done."""
     label_sets = {case: set(values) for case, values in previous_sets.items()}
     for case in selected:
         label_sets[case] = set() if empty else set(label_sets.get(case, resolver.foreground_values)) - removed
-    new_json = copy.deepcopy(dataset_json)
+    new_json = copy.deepcopy(source.dataset_json)
     new_json.pop("dataset", None)  # the new dataset uses the standard imagesTr/labelsTr layout
     new_json[ANNOTATED_LABELS_KEY] = {case: resolver.describe(label_sets[case]) for case in sorted(label_sets)}
     new_json["derived_from"] = {
-        "dataset": source_name,
+        "dataset": source.name,
         "operation": "empty" if empty else "remove_labels",
         "removed_labels": resolver.describe(removed),
-        "selection": ({"cases_pattern": cases_pattern} if cases_pattern is not None
-                      else {"cases_file": os.path.abspath(cases_file)} if cases_file is not None
-                      else {"fraction": fraction, "seed": seed}),
+        "selection": selection,
         "selected_cases": selected,
     }
     json.dumps(new_json)  # a non-serialisable entry fails here, before writing
-    reader_writer = determine_reader_writer_from_dataset_json(
-        dataset_json, files[identifiers[0]]["images"][0], verbose=False)()
+    return new_json
 
-    # ---- writing, into a hidden folder renamed into place at the end
-    file_ending = dataset_json["file_ending"]
-    work = tempfile.mkdtemp(prefix=f".{target}.incomplete-", dir=raw_root)
-    derivation = Derivation(source=source_name, target=target, target_folder=target_folder,
-                            num_cases=len(identifiers), selected=selected, removed_labels=sorted(removed),
-                            names={v: shown for v, shown in zip(sorted(removed), resolver.describe(removed))
-                                   if isinstance(shown, str)})
+
+def _write_training_cases(work: str, files: Mapping, identifiers: Sequence[str], chosen: set, removed: frozenset,
+                          reader_writer, file_ending: str, progress: bool) -> Counter:
+    """imagesTr/ and labelsTr/ in ``work``: images copied, the chosen cases' labels rewritten without
+    ``removed``; returns the voxels set to background per label value."""
+    os.makedirs(os.path.join(work, "imagesTr"))
+    os.makedirs(os.path.join(work, "labelsTr"))
     removed_voxels: Counter = Counter()
-    try:
-        os.makedirs(os.path.join(work, "imagesTr"))
-        os.makedirs(os.path.join(work, "labelsTr"))
-        chosen = set(selected)
-        for case in tqdm(identifiers, desc=COMMAND, unit="case", disable=not progress):
-            for channel, image in enumerate(files[case]["images"]):
-                shutil.copy2(image, os.path.join(work, "imagesTr", f"{case}_{channel:04d}{file_ending}"))
-            label_out = os.path.join(work, "labelsTr", case + file_ending)
-            if case not in chosen:
-                shutil.copy2(files[case]["label"], label_out)
-                continue
-            segmentation, properties = reader_writer.read_seg(files[case]["label"])
-            segmentation = np.rint(segmentation).astype(np.int32)
-            hit = np.isin(segmentation, sorted(removed))
-            values, counts = np.unique(segmentation[hit], return_counts=True)
-            removed_voxels.update(dict(zip(values.tolist(), counts.tolist())))
-            segmentation[hit] = 0
-            reader_writer.write_seg(segmentation[0], label_out, properties)
-        for folder in ("imagesTs", "labelsTs"):
-            if os.path.isdir(os.path.join(source_folder, folder)):
-                shutil.copytree(os.path.join(source_folder, folder), os.path.join(work, folder))
-        save_json(new_json, os.path.join(work, "dataset.json"), sort_keys=False)
-        os.rename(work, target_folder)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    derivation.removed_voxels = {value: removed_voxels.get(value, 0) for value in sorted(removed)}
-    return derivation
+    for case in tqdm(identifiers, desc=COMMAND, unit="case", disable=not progress):
+        for channel, image in enumerate(files[case]["images"]):
+            shutil.copy2(image, os.path.join(work, "imagesTr", f"{case}_{channel:04d}{file_ending}"))
+        label_out = os.path.join(work, "labelsTr", case + file_ending)
+        if case not in chosen:
+            shutil.copy2(files[case]["label"], label_out)
+            continue
+        segmentation, properties = reader_writer.read_seg(files[case]["label"])
+        segmentation = np.rint(segmentation).astype(np.int32)
+        hit = np.isin(segmentation, sorted(removed))
+        values, counts = np.unique(segmentation[hit], return_counts=True)
+        removed_voxels.update(dict(zip(values.tolist(), counts.tolist())))
+        segmentation[hit] = 0
+        reader_writer.write_seg(segmentation[0], label_out, properties)
+    return removed_voxels
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -277,11 +290,7 @@ def _run(args: argparse.Namespace) -> int:
         remove_labels = None
         if args.remove_labels is not None:
             # names or values: resolve a name first, so a label literally named "2" stays a name
-            from batchgenerators.utilities.file_and_folder_operations import load_json
-
-            raw_root = _raw_root()
-            source_json = load_json(os.path.join(raw_root, _source_name(args.source, raw_root), "dataset.json"))
-            resolver = LabelResolver(source_json)
+            resolver = LabelResolver(_source_dataset(args.source).dataset_json)
             remove_labels = [parse_label(token, resolver) for token in args.remove_labels]
         derivation = derive_partial_dataset(
             args.source, args.target_id, remove_labels=remove_labels, empty=args.empty,
@@ -296,8 +305,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        COMMAND,
+    parser = add_subcommand(
+        subparsers, COMMAND, _run,
         help="derive a partially labelled nnU-Net raw dataset from a fully labelled one",
         description=textwrap.fill(
             "Write a NEW nnU-Net raw dataset (in $nnUNet_raw) in which the selected training cases miss some "
@@ -313,7 +322,6 @@ def register(subparsers) -> None:
             "  nnunet-losses derive-partial Dataset032_BraTS --target-id 532 --empty --cases-pattern 'LGG_*'\n"
             "  nnunet-losses derive-partial 27 --target-id 528 --remove-labels 2 --fraction 0.5 --seed 0"
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", metavar="DATASET_NAME_OR_ID",
                         help="the fully labelled source dataset in $nnUNet_raw, by id (27) or name (Dataset027_ACDC)")
@@ -340,4 +348,3 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed of --fraction (default: 0), recorded in the new dataset.json")
     parser.add_argument("--no-progress", action="store_true", help="do not show the progress bar over cases")
-    parser.set_defaults(func=_run)

@@ -29,7 +29,19 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from ..nnunet_io import label_manager_for, read_segmentation, reader_writer_for
+from ..nnunet_io import (
+    case_identifier,
+    cases_with_probabilities,
+    channel_targets,
+    label_manager_for,
+    load_dataset_json,
+    read_probabilities,
+    read_segmentation,
+    reader_writer_for,
+    summary_class_names,
+)
+from ._output import Table, markdown_table, pyplot, save_figure, write_json, write_markdown
+from ._subcommand import add_subcommand, print_done
 
 COMMAND = "evaluate"
 DEFAULT_BINS = 15
@@ -214,26 +226,6 @@ def mean_std(values: np.ndarray) -> tuple:
     return float(values.mean()), float(values.std())
 
 
-def case_identifier(path: str, file_ending: str) -> str:
-    name = os.path.basename(path)
-    return name[: -len(file_ending)] if name.endswith(file_ending) else name
-
-
-def label_names(dataset_json: Mapping) -> dict:
-    """nnU-Net summary key (``"1"`` or ``"(1, 2)"``) → class or region name from dataset.json."""
-    from nnunetv2.evaluation.evaluate_predictions import label_or_region_to_key
-
-    names = {}
-    for name, value in dataset_json["labels"].items():
-        if isinstance(value, (list, tuple)):
-            value = tuple(int(v) for v in value)
-            names[label_or_region_to_key(value if len(value) > 1 else value[0])] = name
-            names[label_or_region_to_key(value)] = name
-        else:
-            names[label_or_region_to_key(int(value))] = name
-    return names
-
-
 def nnunet_summary(pred_folder: PathLike, gt_folder: PathLike, dataset_json: Mapping, output_file: PathLike,
                    num_processes: Optional[int] = None) -> dict:
     """nnU-Net's ``compute_metrics_on_folder`` on the prediction folder (writes ``output_file``)."""
@@ -264,12 +256,11 @@ def evaluate_summary(summary: Mapping, pred_folder: PathLike, dataset_json: Mapp
     from tqdm import tqdm
 
     file_ending = dataset_json["file_ending"]
-    names = label_names(dataset_json)
     per_case = summary["metric_per_case"]
     if not per_case:
         raise ValueError(f"summary: expected at least one case in 'metric_per_case' of {str(pred_folder)!r}")
     keys = list(per_case[0]["metrics"].keys())
-    class_names = [names.get(str(k), str(k)) for k in keys]
+    class_names = summary_class_names(dataset_json, keys)
     reader = None
     cases = []
     for entry in tqdm(per_case, desc=f"evaluating {Path(pred_folder).parent.name}/{Path(pred_folder).name}",
@@ -280,21 +271,25 @@ def evaluate_summary(summary: Mapping, pred_folder: PathLike, dataset_json: Mapp
             raise FileNotFoundError(f"prediction: expected {prediction!r} (listed in the summary.json), got no file")
         reader = reader or reader_writer_for(prediction, dataset_json)
         _, properties = reader.read_seg(prediction)
-        spacing = _physical_spacing(properties["spacing"])
-        metrics = entry["metrics"]
-        result = CaseResult(case, {}, {}, {}, spacing)
-        for key, name in zip(keys, class_names):
-            m = metrics[key]
-            dice = m.get("Dice")
-            result.dice[name] = float("nan") if dice is None else float(dice)
-            result.n_pred[name], result.n_ref[name] = float(m["n_pred"]), float(m["n_ref"])
-            result.delta_v_ml[name] = volume_difference_ml(m["n_pred"], m["n_ref"], spacing)
-            result.predicted_volume_ml[name] = float(m["n_pred"]) * voxel_volume_ml(spacing)
-        cases.append(result)
+        cases.append(_case_result(case, entry["metrics"], dict(zip(keys, class_names)),
+                                  _physical_spacing(properties["spacing"])))
     evaluation = FolderEvaluation(str(pred_folder), class_names, cases)
     if calibration:
         evaluation.calibration = _calibration(per_case, pred_folder, dataset_json, num_bins, progress)
     return evaluation
+
+
+def _case_result(case: str, metrics: Mapping, names: Mapping[str, str], spacing: tuple) -> CaseResult:
+    """One case's Dice, voxel counts and volumes per class, from its entry of nnU-Net's summary."""
+    result = CaseResult(case, {}, {}, {}, spacing)
+    for key, name in names.items():
+        m = metrics[key]
+        dice = m.get("Dice")
+        result.dice[name] = float("nan") if dice is None else float(dice)
+        result.n_pred[name], result.n_ref[name] = float(m["n_pred"]), float(m["n_ref"])
+        result.delta_v_ml[name] = volume_difference_ml(m["n_pred"], m["n_ref"], spacing)
+        result.predicted_volume_ml[name] = float(m["n_pred"]) * voxel_volume_ml(spacing)
+    return result
 
 
 def _physical_spacing(spacing: Sequence[float]) -> tuple:
@@ -309,25 +304,17 @@ def _physical_spacing(spacing: Sequence[float]) -> tuple:
 def _calibration(per_case, pred_folder, dataset_json, num_bins, progress) -> Optional[CalibrationBins]:
     from tqdm import tqdm
 
-    from .gradients import case_from_arrays
-
-    file_ending = dataset_json["file_ending"]
-    items = []
-    for entry in per_case:
-        case = case_identifier(entry["prediction_file"], file_ending)
-        npz = os.path.join(pred_folder, case + ".npz")
-        if not (os.path.isfile(npz) and os.path.isfile(entry["reference_file"])):
-            return None  # calibration needs every case's probabilities and reference
-        items.append((npz, entry["reference_file"], case))
+    items = cases_with_probabilities(per_case, pred_folder, dataset_json["file_ending"])
+    if len(items) < len(per_case):
+        return None  # calibration needs every case's probabilities and reference
     bins = None
-    for npz, reference, case in tqdm(items, desc="calibration", unit="case", disable=not progress):
-        with np.load(npz) as data:
-            probabilities = data["probabilities"]
+    for case, npz, reference in tqdm(items, desc="calibration", unit="case", disable=not progress):
+        probabilities = read_probabilities(npz)
         label_map, _ = read_segmentation(reference, dataset_json)
-        gradient_case = case_from_arrays(probabilities, label_map, dataset_json, case)
+        targets = channel_targets(label_map, probabilities.shape, dataset_json)
         if bins is None:
-            bins = CalibrationBins(probabilities.shape[0], num_bins, gradient_case.class_names)
-        bins.add(gradient_case.probabilities, gradient_case.target, gradient_case.mask)
+            bins = CalibrationBins(probabilities.shape[0], num_bins, targets.channels.names)
+        bins.add(probabilities, targets.target, targets.mask)
     return bins
 
 
@@ -356,21 +343,20 @@ def load_groups(source: Union[None, PathLike, Mapping]) -> Optional[dict]:
     return dict(source)
 
 
+def load_groups_to_detect(source: Union[None, PathLike, Mapping], positive: Optional[str]) -> Optional[dict]:
+    """:func:`load_groups`, and with groups the group to detect, ``positive``, is required."""
+    groups = load_groups(source)
+    if groups is not None and positive is None:
+        raise ValueError(f"positive: expected the group to detect, one of {sorted(set(groups.values()))}, got None")
+    return groups
+
+
 # ----------------------------------------------------------------------------------------------
 # plots and tables
 # ----------------------------------------------------------------------------------------------
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_roc(curves: Mapping[str, Mapping[str, Detection]], path: PathLike, dpi: int = 80) -> Path:
     """One panel per class, one ROC curve per model (``curves[model][class]``), AUC in the legend."""
-    plt = _pyplot()
+    plt = pyplot()
     class_names = list(next(iter(curves.values())).keys())
     fig, axes = plt.subplots(1, len(class_names), figsize=(3.6 * len(class_names), 3.6), squeeze=False)
     for axis, name in zip(axes[0], class_names):
@@ -382,16 +368,13 @@ def plot_roc(curves: Mapping[str, Mapping[str, Detection]], path: PathLike, dpi:
         axis.set(title=f"{name}: detect {positive}", xlabel="false positive rate", ylabel="true positive rate",
                  xlim=(0, 1), ylim=(0, 1.02))
         axis.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi)
 
 
 def plot_reliability(calibrations: Mapping[str, CalibrationBins], class_names: Sequence[str], path: PathLike,
                      dpi: int = 80) -> Path:
     """Reliability diagrams (accuracy vs confidence per bin), one panel per class, one line per model."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(class_names), figsize=(3.4 * len(class_names), 3.5), squeeze=False)
     for axis, name in zip(axes[0], class_names):
         for model, bins in calibrations.items():
@@ -401,10 +384,7 @@ def plot_reliability(calibrations: Mapping[str, CalibrationBins], class_names: S
         axis.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":")
         axis.set(title=name, xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
         axis.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi)
 
 
 def format_mean_std(value: tuple, digits: int = 3) -> str:
@@ -414,7 +394,7 @@ def format_mean_std(value: tuple, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def summary_table(rows_by_model: Mapping[str, list], class_names: Sequence[str]) -> tuple[list, list]:
+def summary_table(rows_by_model: Mapping[str, list], class_names: Sequence[str]) -> Table:
     """``(header, rows)`` of strings: one row per (model, group), Dice / ΔV [ml] / ECE per class."""
     metrics = [("dice", "Dice", 3), ("delta_v_ml", "ΔV [ml]", 2), ("ece", "ECE", 4)]
     present = [m for m in metrics if any(f"{m[0]} {class_names[0]}" in row for rows in rows_by_model.values()
@@ -429,13 +409,7 @@ def summary_table(rows_by_model: Mapping[str, list], class_names: Sequence[str])
                     value = row.get(f"{key} {name}")
                     cells.append("–" if value is None else format_mean_std(value, digits))
             table.append(cells)
-    return header, table
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+    return Table(header, table)
 
 
 def evaluation_json(evaluation: FolderEvaluation, groups=None, detection=None) -> dict:
@@ -454,30 +428,6 @@ def evaluation_json(evaluation: FolderEvaluation, groups=None, detection=None) -
     return data
 
 
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def write_json(data, path: PathLike) -> Path:
-    """JSON with NaN written as null (strict JSON)."""
-
-    def clean(value):
-        if isinstance(value, float) and math.isnan(value):
-            return None
-        if isinstance(value, dict):
-            return {str(k): clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        return value
-
-    Path(path).write_text(json.dumps(clean(data), indent=2, default=_json_default))
-    return Path(path)
-
-
 def evaluate_folder(pred_folder: PathLike, gt_folder: PathLike, dataset_json: Union[Mapping, PathLike],
                     out_dir: PathLike, groups: Union[None, PathLike, Mapping] = None, positive: Optional[str] = None,
                     higher_is_positive: bool = True, num_bins: int = DEFAULT_BINS,
@@ -485,11 +435,8 @@ def evaluate_folder(pred_folder: PathLike, gt_folder: PathLike, dataset_json: Un
     """Evaluate an nnU-Net prediction folder against a ground-truth folder and write to ``out_dir``:
     ``summary.json`` (nnU-Net's), ``metrics.json``, ``metrics.md`` and the PNGs (``roc.png`` with
     groups, ``reliability.png`` with saved probabilities). Returns the paths and the evaluation."""
-    if not isinstance(dataset_json, Mapping):
-        dataset_json = json.loads(Path(dataset_json).read_text())
-    groups = load_groups(groups)
-    if groups is not None and positive is None:
-        raise ValueError(f"positive: expected the group to detect, one of {sorted(set(groups.values()))}, got None")
+    dataset_json = load_dataset_json(dataset_json)
+    groups = load_groups_to_detect(groups, positive)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     nnunet_summary(pred_folder, gt_folder, dataset_json, out_dir / "summary.json", num_processes)
@@ -504,13 +451,11 @@ def evaluate_folder(pred_folder: PathLike, gt_folder: PathLike, dataset_json: Un
     if evaluation.calibration is not None:
         paths["reliability"] = plot_reliability({model: evaluation.calibration}, evaluation.class_names,
                                                 out_dir / "reliability.png")
-    header, rows = summary_table({model: evaluation.summary(groups)}, evaluation.class_names)
-    text = markdown_table(header, rows)
+    text = summary_table({model: evaluation.summary(groups)}, evaluation.class_names).markdown()
     if detection:
         text += "\n\n" + markdown_table(["class", f"AUC detecting {positive} from the predicted volume"],
                                         [[n, f"{d.auc:.3f}"] for n, d in detection.items()])
-    (out_dir / "metrics.md").write_text(text + "\n")
-    paths["table"] = out_dir / "metrics.md"
+    paths["table"] = write_markdown(text, out_dir / "metrics.md")
     paths["metrics"] = write_json(evaluation_json(evaluation, groups, detection), out_dir / "metrics.json")
     return {"paths": paths, "evaluation": evaluation, "detection": detection, "table": text}
 
@@ -534,15 +479,12 @@ def add_group_arguments(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     outcome = evaluate_folder(args.predictions, args.ground_truth, args.dataset_json, args.output, args.groups,
                               args.positive, not args.lower_is_positive, args.bins, args.num_processes)
-    print(outcome["table"])
-    for name, path in outcome["paths"].items():
-        print(f"wrote {name}: {path}")
-    return 0
+    return print_done(outcome["table"], *(f"wrote {name}: {path}" for name, path in outcome["paths"].items()))
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        COMMAND,
+    parser = add_subcommand(
+        subparsers, COMMAND, _run,
         help="Dice, volume difference (ml), group detection ROC/AUC and class-wise ECE of a prediction folder",
         description=textwrap.dedent("""\
             Evaluate an nnU-Net prediction folder with the metrics of the three papers:
@@ -557,7 +499,6 @@ def register(subparsers) -> None:
             prediction has no Dice (left out, as in nnU-Net)."""),
         epilog="example: nnunet-losses evaluate pred/ --ground-truth $nnUNet_raw/Dataset001_X/labelsTs "
                "--dataset-json $nnUNet_raw/Dataset001_X/dataset.json --groups groups.json --positive HGG -o eval/",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("predictions", help="folder of predicted segmentations (nnUNetv2_predict's output)")
     parser.add_argument("--ground-truth", required=True, metavar="DIR",
@@ -571,4 +512,3 @@ def register(subparsers) -> None:
                         help="processes of nnU-Net's metric computation (default: nnU-Net's default, at most "
                              "one per case)")
     add_group_arguments(parser)
-    parser.set_defaults(func=_run)

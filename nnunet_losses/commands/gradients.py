@@ -40,9 +40,7 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import os
-import pickle
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +52,15 @@ import torch.nn.functional as F
 
 import nnunet_losses as losses
 
-from ..nnunet_io import label_manager_for, read_segmentation
+from ..nnunet_io import (
+    channel_targets,
+    load_dataset_json,
+    read_prediction_properties,
+    read_probabilities,
+    read_segmentation,
+)
+from ._output import Table, pyplot, save_figure, write_json, write_markdown
+from ._subcommand import add_subcommand, print_done
 
 COMMAND = "gradients"
 PROBABILITY_FLOOR = 1e-12  # keeps log(s) and logit(s) finite on hard predictions
@@ -94,23 +100,6 @@ class GradientCase:
                              f"got {len(self.class_names)}")
 
 
-def channel_names(dataset_json: Mapping) -> tuple[list, str, list, Optional[int]]:
-    """Names of the network's output channels, activation, per-channel label/region, ignore label."""
-    manager = label_manager_for(dataset_json)
-    by_value = {_label_key(v): name for name, v in dataset_json["labels"].items()}
-    if manager.has_regions:
-        regions = list(manager.foreground_regions)
-        return [by_value.get(_label_key(r), str(r)) for r in regions], "sigmoid", regions, manager.ignore_label
-    labels = list(manager.all_labels)
-    return [by_value.get(_label_key(v), str(v)) for v in labels], "softmax", labels, manager.ignore_label
-
-
-def _label_key(value) -> tuple:
-    if isinstance(value, (list, tuple)):
-        return tuple(sorted(int(v) for v in value))
-    return (int(value),)
-
-
 def case_from_arrays(probabilities: np.ndarray, label_map: np.ndarray, dataset_json: Optional[Mapping] = None,
                      case_id: str = "case", spacing: Optional[Sequence[float]] = None) -> GradientCase:
     """Build a :class:`GradientCase` from ``(C, *spatial)`` probabilities and a ``(*spatial)`` label map.
@@ -120,33 +109,9 @@ def case_from_arrays(probabilities: np.ndarray, label_map: np.ndarray, dataset_j
     channels are the labels ``0..C-1`` under softmax.
     """
     probabilities = np.asarray(probabilities)
-    label_map = np.asarray(label_map)
-    if label_map.ndim == probabilities.ndim and label_map.shape[0] == 1:
-        label_map = label_map[0]  # nnU-Net's readers give (1, *spatial)
-    if label_map.shape != probabilities.shape[1:]:
-        raise ValueError(f"ground truth: expected a label map of shape {probabilities.shape[1:]} (the "
-                         f"probabilities' spatial shape), got {label_map.shape}")
-    if dataset_json is None:
-        num_channels = probabilities.shape[0]
-        names, activation, values, ignore_label = [str(c) for c in range(num_channels)], "softmax", list(
-            range(num_channels)), None
-    else:
-        names, activation, values, ignore_label = channel_names(dataset_json)
-        if len(values) != probabilities.shape[0]:
-            raise ValueError(f"probabilities: expected {len(values)} channels (dataset.json's "
-                             f"{'regions' if activation == 'sigmoid' else 'labels'}), got {probabilities.shape[0]}")
-    from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
-
-    labels = np.rint(label_map).astype(np.int64)
-    mask = None if ignore_label is None else labels != ignore_label
-    if activation == "softmax":
-        unknown = sorted(set(np.unique(labels).tolist()) - set(values) - {ignore_label})
-        if unknown:
-            raise ValueError(f"ground truth: expected labels in {values}, got values {unknown}")
-    target = np.stack([region_or_label_to_mask(labels, v) for v in values]).astype(np.float64)
-    if mask is not None:
-        target *= mask
-    return GradientCase(case_id, probabilities.astype(np.float64), target, labels, activation, names, mask,
+    targets = channel_targets(label_map, probabilities.shape, dataset_json)
+    return GradientCase(case_id, probabilities.astype(np.float64), targets.target, targets.labels,
+                        targets.channels.activation, targets.channels.names, targets.mask,
                         tuple(spacing) if spacing is not None else None)
 
 
@@ -155,23 +120,14 @@ def load_prediction_case(probabilities_file: Union[str, os.PathLike], ground_tru
     """An nnU-Net prediction saved with ``--save_probabilities``: ``CASE.npz`` (``'probabilities'``,
     ``(C, *spatial)`` in the image's array order) with its ``CASE.pkl`` properties next to it, and
     the ground-truth file read by nnU-Net's reader for the dataset's file ending."""
-    probabilities_file = Path(probabilities_file)
-    if not probabilities_file.is_file():
-        raise FileNotFoundError(f"probabilities: expected an nnU-Net .npz file, got {str(probabilities_file)!r} "
-                                "(predict with --save_probabilities)")
-    with np.load(probabilities_file) as data:
-        if "probabilities" not in data:
-            raise ValueError(f"probabilities: expected an .npz with the key 'probabilities' as nnU-Net writes, "
-                             f"got keys {list(data.keys())} in {probabilities_file}")
-        probabilities = data["probabilities"]
-    if dataset_json is not None and not isinstance(dataset_json, Mapping):
-        dataset_json = json.loads(Path(dataset_json).read_text())
+    probabilities = read_probabilities(probabilities_file)
+    if dataset_json is not None:
+        dataset_json = load_dataset_json(dataset_json)
     label_map, spacing = read_segmentation(ground_truth_file, dataset_json)
-    properties_file = probabilities_file.with_suffix(".pkl")
-    if properties_file.is_file():  # the prediction's own spacing (what the plot's aspect ratio uses)
-        with open(properties_file, "rb") as handle:
-            spacing = tuple(pickle.load(handle).get("spacing", spacing))
-    case_id = probabilities_file.name[: -len(".npz")]
+    properties = read_prediction_properties(probabilities_file)
+    if properties is not None:  # the prediction's own spacing (what the plot's aspect ratio uses)
+        spacing = tuple(properties.get("spacing", spacing))
+    case_id = Path(probabilities_file).name[: -len(".npz")]
     return case_from_arrays(probabilities, label_map, dataset_json, case_id, spacing)
 
 
@@ -219,14 +175,13 @@ class LossForm:
     name: str
     function: ProbabilityLoss
     convention: str  # EXACT or PROJECTED
-    description: str = ""
 
 
 def _inverse_nonlinearity(s: torch.Tensor, activation: str) -> torch.Tensor:
     return torch.log(s) if activation == "softmax" else torch.logit(s)
 
 
-def logits_loss_form(name: str, loss: Callable, activation: str, description: str = "") -> LossForm:
+def logits_loss_form(name: str, loss: Callable, activation: str) -> LossForm:
     """Any loss called ``loss(x, y, loss_mask)`` on logits, fed ``log(s)`` (softmax: gradient
     softmax-projected) or ``logit(s)`` (sigmoid: exact)."""
 
@@ -234,7 +189,7 @@ def logits_loss_form(name: str, loss: Callable, activation: str, description: st
         target = t.labels if t.labels is not None else t.target
         return loss(_inverse_nonlinearity(t.s, t.activation), target, t.mask)
 
-    return LossForm(name, function, EXACT if activation == "sigmoid" else PROJECTED, description)
+    return LossForm(name, function, EXACT if activation == "sigmoid" else PROJECTED)
 
 
 def _counted(t: Tensors, include_background: bool):
@@ -258,7 +213,8 @@ def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Te
 
 
 def _ce_form(options: dict) -> LossForm:
-    _no_options("ce", options, ())
+    """nnU-Net's cross-entropy (RobustCrossEntropyLoss; BCE for regions)."""
+    _reject_unknown_options("ce", options, ())
 
     def function(t: Tensors) -> torch.Tensor:
         if t.activation == "softmax":  # nnU-Net's RobustCrossEntropyLoss = nll_loss(log_softmax(x)); log_softmax(x) = log s
@@ -266,13 +222,14 @@ def _ce_form(options: dict) -> LossForm:
         # regions: nnU-Net's BCEWithLogitsLoss(x) = binary_cross_entropy(sigmoid(x))
         return _masked_mean(F.binary_cross_entropy(t.s, t.target, reduction="none"), t.mask)
 
-    return LossForm("ce", function, EXACT, "nnU-Net's cross-entropy (RobustCrossEntropyLoss; BCE for regions)")
+    return LossForm("ce", function, EXACT)
 
 
 def _dice_form(options: dict) -> LossForm:
+    """nnU-Net's MemoryEfficientSoftDiceLoss on s (smooth 1e-5, background excluded under softmax)."""
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
-    _no_options("dice", options, ("smooth", "batch_dice", "do_bg"))
+    _reject_unknown_options("dice", options, ("smooth", "batch_dice", "do_bg"))
 
     def function(t: Tensors) -> torch.Tensor:
         dice = MemoryEfficientSoftDiceLoss(apply_nonlin=None, batch_dice=options.get("batch_dice", False),
@@ -280,17 +237,15 @@ def _dice_form(options: dict) -> LossForm:
                                            smooth=options.get("smooth", 1e-5), ddp=False)
         return dice(t.s, t.labels if t.labels is not None else t.target, t.mask)
 
-    return LossForm("dice", function, EXACT,
-                    "nnU-Net's MemoryEfficientSoftDiceLoss (smooth 1e-5, background excluded) on s")
+    return LossForm("dice", function, EXACT)
 
 
 def _region_form(name: str, pure_function: Callable, allowed: Sequence[str], include_background_default: bool,
-                 per_class_options: Sequence[str] = (), fixed: Optional[dict] = None,
-                 description: str = "") -> Callable[[dict], LossForm]:
+                 per_class_options: Sequence[str] = (), fixed: Optional[dict] = None) -> Callable[[dict], LossForm]:
     """One of our losses evaluated in its region (sigmoid) mode on the channels it counts."""
 
     def build(options: dict) -> LossForm:
-        _no_options(name, options, allowed)
+        _reject_unknown_options(name, options, allowed)
         include_background = options.get("include_background", include_background_default)
         losses_options = {k: v for k, v in options.items() if k != "include_background"}
         losses_options.update(fixed or {})
@@ -301,14 +256,16 @@ def _region_form(name: str, pure_function: Callable, allowed: Sequence[str], inc
                       for k, v in losses_options.items()}
             return pure_function(x, target, t.mask, activation="sigmoid", **kwargs)
 
-        return LossForm(name, function, EXACT, description)
+        return LossForm(name, function, EXACT)
 
     return build
 
 
-def _softmax_only_form(name: str, pure_function: Callable, allowed: Sequence[str], description: str):
+def _softmax_only_form(name: str, pure_function: Callable, allowed: Sequence[str]) -> Callable[[dict], LossForm]:
+    """A softmax-only loss fed x = log(s) (logit(s) on region cases)."""
+
     def build(options: dict) -> LossForm:
-        _no_options(name, options, allowed)
+        _reject_unknown_options(name, options, allowed)
 
         def function(t: Tensors) -> torch.Tensor:
             target = t.labels if t.labels is not None else t.target
@@ -316,7 +273,7 @@ def _softmax_only_form(name: str, pure_function: Callable, allowed: Sequence[str
                                  activation=t.activation, **options)
 
         # sigmoid: logit(s) is exact; softmax: log(s) is projected (decided per case in compute_gradients)
-        return LossForm(name, function, PROJECTED, description)
+        return LossForm(name, function, PROJECTED)
 
     return build
 
@@ -325,54 +282,52 @@ def _negative_mime(x, target, mask, activation, **kwargs):
     return losses.mime_loss(x, target, mask, a=1.0, b=0.0, activation=activation, **kwargs)
 
 
-def _refuse_regions(name: str, reason: str):
-    def build(options: dict) -> LossForm:
-        form = _region_form(name, _negative_mime, ("include_background", "reduction"), True,
-                            description="-Σ y·s / N (the mime with a = 1, b = 0)")(options)
-        inner = form.function
+def _negative_mime_form(options: dict) -> LossForm:
+    """-Σ y·s / N (the mime with a = 1, b = 0) in region form, for label (softmax) cases only."""
+    form = _region_form("negative_mime", _negative_mime, ("include_background", "reduction"), True)(options)
+    region_form = form.function
 
-        def function(t: Tensors) -> torch.Tensor:
-            if t.activation != "softmax":
-                raise ValueError(f"{name}: expected a softmax (label) case, got a region case: {reason}")
-            return inner(t)
+    def function(t: Tensors) -> torch.Tensor:
+        if t.activation != "softmax":
+            raise ValueError("negative_mime: expected a softmax (label) case, got a region case: with independent "
+                             "regions -y·s has a trivial solution")
+        return region_form(t)
 
-        form.function = function
-        return form
-
-    return build
+    form.function = function
+    return form
 
 
 def _leaf_dice_form(options: dict) -> LossForm:
-    description = "leaf Dice (annotated = present classes)"
+    """Leaf Dice (annotated = present classes)."""
     if options.get("include_background"):  # softmax leaf Dice drops the background term of samples missing
         # a class, which its region form cannot express: evaluated through log(s) instead
-        return _softmax_only_form("leaf_dice", losses.leaf_dice_loss, ("epsilon", "include_background"),
-                                  description)(options)
-    return _region_form("leaf_dice", losses.leaf_dice_loss, ("epsilon", "include_background"), False, ("epsilon",),
-                        description=description)(options)
+        return _softmax_only_form("leaf_dice", losses.leaf_dice_loss, ("epsilon", "include_background"))(options)
+    return _region_form("leaf_dice", losses.leaf_dice_loss, ("epsilon", "include_background"), False,
+                        ("epsilon",))(options)
 
 
 # name -> builder(options) -> LossForm. Options are the keywords of the loss's pure function.
 GRADIENT_LOSSES: dict = {
     "ce": _ce_form,
     "dice": _dice_form,
-    "mime": _region_form("mime", losses.mime_loss, ("a", "b", "include_background", "reduction"), True, ("a", "b"),
-                         description="Σ w·s / N, w = -a·y + b·(1-y) (Kervadec eq. 9)"),
-    "negative_mime": _refuse_regions("negative_mime", "with independent regions -y·s has a trivial solution"),
+    # Σ w·s / N, w = -a·y + b·(1-y) (Kervadec eq. 9)
+    "mime": _region_form("mime", losses.mime_loss, ("a", "b", "include_background", "reduction"), True, ("a", "b")),
+    "negative_mime": _negative_mime_form,
+    # the mime with the Dice gradient's weights (eq. 6)
     "dynamic_mime": _region_form("dynamic_mime", losses.dynamic_mime_loss, ("phi", "epsilon", "include_background"),
-                                 False, ("epsilon",), description="mime with the Dice gradient's weights (eq. 6)"),
+                                 False, ("epsilon",)),
+    # Dice with reduction Φ and smoothing ε (Tilborghs eq. 3)
     "phi_dice": _region_form("phi_dice", losses.phi_dice_loss, ("phi", "epsilon", "include_background"), False,
-                             ("epsilon",), description="Dice with reduction Φ and smoothing ε (Tilborghs eq. 3)"),
+                             ("epsilon",)),
     "leaf_dice": _leaf_dice_form,
-    "marginal_dice": _softmax_only_form("marginal_dice", losses.marginal_dice_loss,
-                                        ("epsilon", "include_background"),
-                                        "marginal Dice (annotated = present classes)"),
-    "label_marginal": _softmax_only_form("label_marginal", losses.label_marginal_loss, ("penalty", "lam", "tau"),
-                                         "CE + λ·R(ŷ, p̂) (Liu et al.)"),
+    # marginal Dice (annotated = present classes)
+    "marginal_dice": _softmax_only_form("marginal_dice", losses.marginal_dice_loss, ("epsilon", "include_background")),
+    # CE + λ·R(ŷ, p̂) (Liu et al.)
+    "label_marginal": _softmax_only_form("label_marginal", losses.label_marginal_loss, ("penalty", "lam", "tau")),
 }
 
 
-def _no_options(name: str, options: dict, allowed: Sequence[str]) -> None:
+def _reject_unknown_options(name: str, options: dict, allowed: Sequence[str]) -> None:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"{name}: expected options among {sorted(allowed)}, got {unknown}")
@@ -501,21 +456,23 @@ def compute_gradients(case: GradientCase, loss_specs: Sequence = DEFAULT_LOSSES)
     return results
 
 
-def gradient_table(results: Sequence[LossGradient], channels: Optional[Sequence[int]] = None) -> str:
-    """Markdown table: one row per (loss, class) with dynamic range and sign pattern."""
+def gradient_rows(results: Sequence[LossGradient], channels: Optional[Sequence[int]] = None) -> Table:
+    """One row per (loss, class) with dynamic range and sign pattern (``channels``: those classes only)."""
 
     def fmt(value, pattern):
         return "–" if value is None else pattern.format(value)
 
-    lines = ["| loss | class | dynamic range [dB] | foreground pushed up | background pushed down | ∂L/∂s |",
-             "|---|---|---:|---:|---:|---|"]
-    for result in results:
-        for index, stats in enumerate(result.classes):
-            if channels is not None and index not in channels:
-                continue
-            lines.append(f"| {result.name} | {stats.name} | {fmt(stats.dynamic_range_db, '{:.2f}')} | "
-                         f"{fmt(stats.pushed_up, '{:.1%}')} | {fmt(stats.pushed_down, '{:.1%}')} | {result.convention} |")
-    return "\n".join(lines)
+    header = ["loss", "class", "dynamic range [dB]", "foreground pushed up", "background pushed down", "∂L/∂s"]
+    rows = [[result.name, stats.name, fmt(stats.dynamic_range_db, "{:.2f}"), fmt(stats.pushed_up, "{:.1%}"),
+             fmt(stats.pushed_down, "{:.1%}"), result.convention]
+            for result in results for index, stats in enumerate(result.classes)
+            if channels is None or index in channels]
+    return Table(header, rows)
+
+
+def gradient_table(results: Sequence[LossGradient], channels: Optional[Sequence[int]] = None) -> str:
+    """:func:`gradient_rows` as a Markdown table, the numbers right-aligned."""
+    return gradient_rows(results, channels).markdown(align="llrrrl")
 
 
 def gradients_json(case: GradientCase, results: Sequence[LossGradient]) -> dict:
@@ -551,11 +508,7 @@ def plot_gradients(case: GradientCase, results: Sequence[LossGradient], path: Un
     Each gradient panel has its own symmetric colour scale (blue: g < 0, pushed up; red: g > 0,
     pushed down) and shows the class's dynamic range over the whole case in its title.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     channel = default_channel(case) if channel is None else channel
     if not 0 <= channel < case.probabilities.shape[0]:
         raise ValueError(f"channel: expected 0..{case.probabilities.shape[0] - 1}, got {channel}")
@@ -595,12 +548,8 @@ def plot_gradients(case: GradientCase, results: Sequence[LossGradient], path: Un
     where = "" if slice_index is None else f", slice {slice_index}"
     note = "  (* softmax-projected)" if any(r.convention != EXACT for r in results) else ""
     fig.suptitle(f"{case.case_id}: class {name}{where}{note}", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return save_figure(fig, path, dpi)
 
 
 def run_gradients(case: GradientCase, out_dir: Union[str, os.PathLike], loss_specs: Sequence = DEFAULT_LOSSES,
@@ -611,8 +560,8 @@ def run_gradients(case: GradientCase, out_dir: Union[str, os.PathLike], loss_spe
     results = compute_gradients(case, loss_specs)
     png = plot_gradients(case, results, out_dir / f"gradients_{case.case_id}.png", channel, slice_index)
     table = gradient_table(results)
-    (out_dir / f"gradients_{case.case_id}.md").write_text(table + "\n")
-    (out_dir / f"gradients_{case.case_id}.json").write_text(json.dumps(gradients_json(case, results), indent=2))
+    write_markdown(table, out_dir / f"gradients_{case.case_id}.md")
+    write_json(gradients_json(case, results), out_dir / f"gradients_{case.case_id}.json")
     return {"png": png, "table": table, "results": results}
 
 
@@ -641,14 +590,12 @@ def _run(args: argparse.Namespace) -> int:
         case = load_prediction_case(args.probabilities, args.ground_truth, args.dataset_json)
     outcome = run_gradients(case, args.output, args.loss or DEFAULT_LOSSES, _channel_index(args.class_, case),
                             args.slice)
-    print(outcome["table"])
-    print(f"wrote {outcome['png']}")
-    return 0
+    return print_done(outcome["table"], f"wrote {outcome['png']}")
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        COMMAND,
+    parser = add_subcommand(
+        subparsers, COMMAND, _run,
         help="plot dL/ds of losses on a prediction; dynamic range (dB) and sign pattern per class",
         description=textwrap.dedent("""\
             Gradient diagnostics (Kervadec & de Bruijne, Fig. 1 and §2.2): for a ground truth and
@@ -669,7 +616,6 @@ def register(subparsers) -> None:
                   --ground-truth $nnUNet_raw/Dataset001_X/labelsTr/case_001.nii.gz \\
                   --dataset-json $nnUNet_raw/Dataset001_X/dataset.json \\
                   --loss ce --loss dice --loss mime --loss phi_dice:phi=BI:epsilon=1e-5 -o diag/"""),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = parser.add_argument_group("input (either an nnU-Net prediction or --synthetic)")
     source.add_argument("--probabilities", metavar="NPZ",
@@ -696,4 +642,3 @@ def register(subparsers) -> None:
                                                   "(default: the slice with most voxels of the class)")
     parser.add_argument("-o", "--output", required=True, metavar="DIR",
                         help="output folder for gradients_<case>.png, .md (table) and .json")
-    parser.set_defaults(func=_run)

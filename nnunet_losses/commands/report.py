@@ -29,6 +29,9 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from ..nnunet_io import cases_with_probabilities, load_dataset_json, read_probabilities, read_segmentation
+from ._output import Table, pyplot, save_figure, write_json, write_markdown
+from ._subcommand import add_subcommand, print_done
 from .evaluation import (
     DEFAULT_BINS,
     CalibrationBins,
@@ -36,12 +39,10 @@ from .evaluation import (
     add_group_arguments,
     detections,
     evaluate_summary,
-    load_groups,
-    markdown_table,
+    load_groups_to_detect,
     plot_reliability,
     plot_roc,
     summary_table,
-    write_json,
 )
 
 COMMAND = "report"
@@ -94,7 +95,7 @@ def load_training_log(fold: PathLike) -> Optional[dict]:
 def _dataset_json(fold: Path) -> dict:
     for candidate in (fold.parent / "dataset.json", fold / "dataset.json"):
         if candidate.is_file():
-            return json.loads(candidate.read_text())
+            return load_dataset_json(candidate)
     raise FileNotFoundError(f"dataset.json: expected it in {str(fold.parent)!r} (nnU-Net copies it there), got none")
 
 
@@ -160,9 +161,7 @@ def _short_names(models: Sequence[TrainedModel]) -> list:
 def plot_training_curves(logs: Mapping[str, dict], path: PathLike, dpi: int = 80) -> Path:
     """Pseudo Dice (dotted: per epoch, solid: nnU-Net's moving average) and train (dashed) /
     validation (solid) loss over epochs, one colour per model (and fold)."""
-    from .evaluation import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     fig, (dice_axis, loss_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, log) in enumerate(logs.items()):
@@ -179,28 +178,22 @@ def plot_training_curves(logs: Mapping[str, dict], path: PathLike, dpi: int = 80
     for axis in (dice_axis, loss_axis):
         axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi)
 
 
 def _gradient_case(models: Sequence[TrainedModel], names: Sequence[str]):
     """The first validation case with saved probabilities and a readable reference."""
-    from ..nnunet_io import read_segmentation
     from .gradients import case_from_arrays
 
     for model, name in zip(models, names):
         for folder in model.validation_folders:
             summary = json.loads((folder / "summary.json").read_text())
-            for entry in summary["metric_per_case"]:
-                case = os.path.basename(entry["prediction_file"])[: -len(model.dataset_json["file_ending"])]
-                npz = folder / f"{case}.npz"
-                if npz.is_file() and os.path.isfile(entry["reference_file"]):
-                    with np.load(npz) as data:
-                        probabilities = data["probabilities"]
-                    label_map, spacing = read_segmentation(entry["reference_file"], model.dataset_json)
-                    return case_from_arrays(probabilities, label_map, model.dataset_json, f"{name}_{case}", spacing)
+            found = cases_with_probabilities(summary["metric_per_case"], folder, model.dataset_json["file_ending"])
+            if found:
+                case, npz, reference = found[0]
+                label_map, spacing = read_segmentation(reference, model.dataset_json)
+                return case_from_arrays(read_probabilities(npz), label_map, model.dataset_json, f"{name}_{case}",
+                                        spacing)
     return None
 
 
@@ -215,6 +208,20 @@ class Report:
     table: str  # the Markdown metrics table
     images: dict  # name -> PNG path
     metrics: Path
+
+
+@dataclass
+class Section:
+    """One section of the index page: a heading, paragraphs, an optional table, then its figures."""
+
+    title: str
+    paragraphs: list
+    table: Optional[Table] = None
+    images: dict = field(default_factory=dict)  # name -> PNG path in the report folder
+
+    @property
+    def pictures(self) -> list:
+        return [path.name for path in self.images.values()]
 
 
 def write_report(trainer_folders: Sequence[PathLike], out_dir: PathLike,
@@ -239,94 +246,129 @@ def write_report(trainer_folders: Sequence[PathLike], out_dir: PathLike,
     """
     if not trainer_folders:
         raise ValueError("trainer_folders: expected at least one nnU-Net trainer output folder, got none")
-    groups = load_groups(groups)
-    if groups is not None and positive is None:
-        raise ValueError(f"positive: expected the group to detect, one of {sorted(set(groups.values()))}, got None")
-    from tqdm import tqdm
-
-    models = [load_model(p, num_bins, progress) for p in tqdm(trainer_folders, desc="reading models", unit="model",
-                                                             disable=not progress or len(trainer_folders) < 2)]
+    groups = load_groups_to_detect(groups, positive)
+    models = _load_models(trainer_folders, num_bins, progress)
     names = _short_names(models)
     _check_same_dataset(models, trainer_folders)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dataset = models[0].dataset_json.get("name") or models[0].folder.resolve().parent.name
-    evaluated = [(n, m) for n, m in zip(names, models) if m.evaluation is not None]
-    class_names = evaluated[0][1].evaluation.class_names if evaluated else []
+    evaluated = {n: m.evaluation for n, m in zip(names, models) if m.evaluation is not None}
+    class_names = next(iter(evaluated.values())).class_names if evaluated else []
 
-    sections, images, data = [], {}, {"models": {}}
-    overview = [[n, str(m.folder), str(len(m.folds)), _epochs(m), _final_ema(m)] for n, m in zip(names, models)]
-    sections.append(("Models", ["Trainer outputs compared (validation cases of all listed folds pooled)."],
-                     (["model", "folder", "folds", "epochs", "final EMA pseudo Dice"], overview), []))
-
-    table_md = ""
-    if evaluated:
-        rows = {n: m.evaluation.summary(groups) for n, m in evaluated}
-        header, body = summary_table(rows, class_names)
-        table_md = markdown_table(header, body)
-        notes = ["Mean ± standard deviation over validation cases. Dice: nnU-Net's summary.json (cases empty in "
-                 "reference and prediction left out). ΔV: predicted − reference volume in ml."]
-        if any(m.evaluation.calibration is not None for _, m in evaluated):
-            notes.append(f"ECE: class-wise expected calibration error over all validation voxels "
-                         f"({num_bins} equal-width bins).")
-        sections.append(("Validation metrics", notes, (header, body), []))
-        for n, m in evaluated:
-            data["models"][n] = {"folder": str(m.folder), "summary": m.evaluation.summary(groups),
-                                 "cases": [vars(c) for c in m.evaluation.cases]}
-    else:
-        sections.append(("Validation metrics", ["No fold has validation/summary.json yet (run the validation)."],
-                         None, []))
-
+    metrics = _metrics_section(evaluated, class_names, groups, num_bins)
+    sections = [_models_section(models, names), metrics]
+    curves = {}
     if groups is not None and evaluated:
-        curves = {n: detections(m.evaluation, groups, positive, higher_is_positive) for n, m in evaluated}
-        images["roc"] = plot_roc(curves, out_dir / "roc.png")
-        auc_rows = [[n] + [f"{curves[n][c].auc:.3f}" for c in class_names] for n, _ in evaluated]
-        direction = "large" if higher_is_positive else "small"
-        sections.append((f"Detecting {positive} from the predicted volume",
-                         [f"ROC of each class's predicted volume as the score (a {direction} volume indicates "
-                          f"{positive}), as Tilborghs et al. Fig. 2."],
-                         (["model"] + [f"AUC {c}" for c in class_names], auc_rows), ["roc.png"]))
-        for n in curves:
-            data["models"][n]["auc"] = {c: d.auc for c, d in curves[n].items()}
+        curves = {n: detections(e, groups, positive, higher_is_positive) for n, e in evaluated.items()}
+        sections.append(_detection_section(curves, class_names, positive, higher_is_positive, out_dir))
+    sections += [s for s in (_training_curves_section(models, names, out_dir),
+                             _calibration_section(evaluated, class_names, out_dir),
+                             _gradients_section(models, names, gradient_losses, out_dir)) if s is not None]
 
-    logs = {(n if len(m.logs) == 1 else f"{n} {fold}"): log for n, m in zip(names, models) for fold, log in m.logs.items()}
-    if logs:
-        images["curves"] = plot_training_curves(logs, out_dir / "curves.png")
-        sections.append(("Training curves", ["From the 'logging' dict of each fold's checkpoint (nnU-Net's "
-                                             "progress.png data)."], None, ["curves.png"]))
-
-    calibrated = {n: m.evaluation.calibration for n, m in evaluated if m.evaluation.calibration is not None}
-    if calibrated:
-        images["reliability"] = plot_reliability(calibrated, class_names, out_dir / "reliability.png")
-        sections.append(("Calibration", ["Reliability diagrams (accuracy vs mean confidence per bin; the "
-                                         "diagonal is perfect calibration), as Kervadec et al. Fig. 3."],
-                         None, ["reliability.png"]))
-
-    if gradient_losses:
-        case = _gradient_case(models, names)
-        if case is not None:
-            from .gradients import run_gradients
-
-            outcome = run_gradients(case, out_dir, gradient_losses)
-            images["gradients"] = outcome["png"]
-            header = outcome["table"].splitlines()[0].strip("|").split("|")
-            body = [line.strip("|").split("|") for line in outcome["table"].splitlines()[2:]]
-            sections.append(("Gradient diagnostics",
-                             [f"∂L/∂s of each loss on validation case {case.case_id} (Kervadec et al. Fig. 1). "
-                              "Dynamic range = 10·log10(max |∂L/∂s| / min non-zero |∂L/∂s|); pushed up: share of "
-                              "a class's voxels with ∂L/∂s < 0, pushed down: of its background voxels with "
-                              "∂L/∂s > 0."],
-                             ([h.strip() for h in header], [[c.strip() for c in r] for r in body]),
-                             [outcome["png"].name]))
-
-    (out_dir / "metrics.md").write_text(table_md + "\n")
-    metrics = write_json(data, out_dir / "metrics.json")
-    heading = title or f"Loss comparison: {dataset}"
+    table_md = metrics.table.markdown() if metrics.table is not None else ""
+    write_markdown(table_md, out_dir / "metrics.md")
+    metrics_json = write_json(_metrics_data(models, names, groups, curves), out_dir / "metrics.json")
+    heading = title or f"Loss comparison: {_dataset_name(models[0])}"
     index_md = out_dir / "index.md"
     index_md.write_text(_render_markdown(heading, sections))
     index_html = out_dir / "index.html"
     index_html.write_text(_render_html(heading, sections))
-    return Report(out_dir, index_md, index_html, table_md, images, metrics)
+    images = {name: path for section in sections for name, path in section.images.items()}
+    return Report(out_dir, index_md, index_html, table_md, images, metrics_json)
+
+
+def _load_models(trainer_folders: Sequence[PathLike], num_bins: int, progress: bool) -> list:
+    from tqdm import tqdm
+
+    return [load_model(p, num_bins, progress) for p in tqdm(trainer_folders, desc="reading models", unit="model",
+                                                           disable=not progress or len(trainer_folders) < 2)]
+
+
+def _dataset_name(model: TrainedModel) -> str:
+    return model.dataset_json.get("name") or model.folder.resolve().parent.name
+
+
+# ----------------------------------------------------------------------------------------------
+# the sections, in the order of the page
+# ----------------------------------------------------------------------------------------------
+def _models_section(models: Sequence[TrainedModel], names: Sequence[str]) -> Section:
+    overview = [[n, str(m.folder), str(len(m.folds)), _epochs(m), _final_ema(m)] for n, m in zip(names, models)]
+    return Section("Models", ["Trainer outputs compared (validation cases of all listed folds pooled)."],
+                   Table(["model", "folder", "folds", "epochs", "final EMA pseudo Dice"], overview))
+
+
+def _metrics_section(evaluated: Mapping[str, FolderEvaluation], class_names: Sequence[str],
+                     groups: Optional[Mapping[str, str]], num_bins: int) -> Section:
+    if not evaluated:
+        return Section("Validation metrics", ["No fold has validation/summary.json yet (run the validation)."])
+    notes = ["Mean ± standard deviation over validation cases. Dice: nnU-Net's summary.json (cases empty in "
+             "reference and prediction left out). ΔV: predicted − reference volume in ml."]
+    if any(e.calibration is not None for e in evaluated.values()):
+        notes.append(f"ECE: class-wise expected calibration error over all validation voxels "
+                     f"({num_bins} equal-width bins).")
+    rows = {n: e.summary(groups) for n, e in evaluated.items()}
+    return Section("Validation metrics", notes, summary_table(rows, class_names))
+
+
+def _detection_section(curves: Mapping[str, dict], class_names: Sequence[str], positive: str,
+                       higher_is_positive: bool, out_dir: Path) -> Section:
+    auc_rows = [[n] + [f"{per_class[c].auc:.3f}" for c in class_names] for n, per_class in curves.items()]
+    direction = "large" if higher_is_positive else "small"
+    return Section(f"Detecting {positive} from the predicted volume",
+                   [f"ROC of each class's predicted volume as the score (a {direction} volume indicates "
+                    f"{positive}), as Tilborghs et al. Fig. 2."],
+                   Table(["model"] + [f"AUC {c}" for c in class_names], auc_rows),
+                   {"roc": plot_roc(curves, out_dir / "roc.png")})
+
+
+def _training_curves_section(models: Sequence[TrainedModel], names: Sequence[str], out_dir: Path) -> Optional[Section]:
+    logs = {(n if len(m.logs) == 1 else f"{n} {fold}"): log for n, m in zip(names, models) for fold, log in m.logs.items()}
+    if not logs:
+        return None
+    return Section("Training curves", ["From the 'logging' dict of each fold's checkpoint (nnU-Net's "
+                                       "progress.png data)."],
+                   images={"curves": plot_training_curves(logs, out_dir / "curves.png")})
+
+
+def _calibration_section(evaluated: Mapping[str, FolderEvaluation], class_names: Sequence[str],
+                         out_dir: Path) -> Optional[Section]:
+    calibrated = {n: e.calibration for n, e in evaluated.items() if e.calibration is not None}
+    if not calibrated:
+        return None
+    return Section("Calibration", ["Reliability diagrams (accuracy vs mean confidence per bin; the "
+                                   "diagonal is perfect calibration), as Kervadec et al. Fig. 3."],
+                   images={"reliability": plot_reliability(calibrated, class_names, out_dir / "reliability.png")})
+
+
+def _gradients_section(models: Sequence[TrainedModel], names: Sequence[str], gradient_losses: Optional[Sequence],
+                       out_dir: Path) -> Optional[Section]:
+    if not gradient_losses:
+        return None
+    case = _gradient_case(models, names)
+    if case is None:
+        return None
+    from .gradients import gradient_rows, run_gradients
+
+    outcome = run_gradients(case, out_dir, gradient_losses)
+    return Section("Gradient diagnostics",
+                   [f"∂L/∂s of each loss on validation case {case.case_id} (Kervadec et al. Fig. 1). "
+                    "Dynamic range = 10·log10(max |∂L/∂s| / min non-zero |∂L/∂s|); pushed up: share of "
+                    "a class's voxels with ∂L/∂s < 0, pushed down: of its background voxels with "
+                    "∂L/∂s > 0."],
+                   gradient_rows(outcome["results"]), {"gradients": outcome["png"]})
+
+
+def _metrics_data(models: Sequence[TrainedModel], names: Sequence[str], groups: Optional[Mapping[str, str]],
+                  curves: Mapping[str, dict]) -> dict:
+    """What ``metrics.json`` holds: per evaluated model its folder, summary rows, cases and AUCs."""
+    data = {"models": {}}
+    for n, m in zip(names, models):
+        if m.evaluation is not None:
+            data["models"][n] = {"folder": str(m.folder), "summary": m.evaluation.summary(groups),
+                                 "cases": [vars(c) for c in m.evaluation.cases]}
+    for n, per_class in curves.items():
+        data["models"][n]["auc"] = {c: d.auc for c, d in per_class.items()}
+    return data
 
 
 def _check_same_dataset(models: Sequence[TrainedModel], folders: Sequence[PathLike]) -> None:
@@ -347,35 +389,35 @@ def _final_ema(model: TrainedModel) -> str:
     return ", ".join(f"{v:.3f}" for v in values) if values else "–"
 
 
-def _render_markdown(heading: str, sections) -> str:
+def _render_markdown(heading: str, sections: Sequence[Section]) -> str:
     parts = [f"# {heading}", ""]
-    for title, paragraphs, table, pictures in sections:
-        parts += [f"## {title}", ""]
-        for paragraph in paragraphs:
+    for section in sections:
+        parts += [f"## {section.title}", ""]
+        for paragraph in section.paragraphs:
             parts += [paragraph, ""]
-        if table is not None:
-            parts += [markdown_table(*table), ""]
-        for picture in pictures:
-            parts += [f"![{title}]({picture})", ""]
+        if section.table is not None:
+            parts += [section.table.markdown(), ""]
+        for picture in section.pictures:
+            parts += [f"![{section.title}]({picture})", ""]
     return "\n".join(parts)
 
 
-def _render_html(heading: str, sections) -> str:
+def _render_html(heading: str, sections: Sequence[Section]) -> str:
     e = html.escape
     parts = ["<!DOCTYPE html>", '<html><head><meta charset="utf-8">', f"<title>{e(heading)}</title>",
              "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;"
              "margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}"
              "td:first-child,th:first-child{text-align:left}img{max-width:100%}</style>",
              "</head><body>", f"<h1>{e(heading)}</h1>"]
-    for title, paragraphs, table, pictures in sections:
-        parts.append(f"<h2>{e(title)}</h2>")
-        parts += [f"<p>{e(p)}</p>" for p in paragraphs]
-        if table is not None:
-            header, rows = table
+    for section in sections:
+        parts.append(f"<h2>{e(section.title)}</h2>")
+        parts += [f"<p>{e(p)}</p>" for p in section.paragraphs]
+        if section.table is not None:
+            header, rows = section.table
             parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
             parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows]
             parts.append("</table>")
-        parts += [f'<p><img src="{e(p)}" alt="{e(title)}"></p>' for p in pictures]
+        parts += [f'<p><img src="{e(p)}" alt="{e(section.title)}"></p>' for p in section.pictures]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -387,14 +429,12 @@ def _run(args: argparse.Namespace) -> int:
     report = write_report(args.trainer_folders, args.output, args.groups, args.positive, not args.lower_is_positive,
                           args.bins, None if args.no_gradients else (args.gradient_loss or ("ce", "dice", "mime")),
                           args.title)
-    print(report.table)
-    print(f"wrote {report.index_html} and {report.index_md}")
-    return 0
+    return print_done(report.table, f"wrote {report.index_html} and {report.index_md}")
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        COMMAND,
+    parser = add_subcommand(
+        subparsers, COMMAND, _run,
         help="compare trained nnU-Net models: metrics table, training curves, ROC, calibration, gradients",
         description=textwrap.dedent("""\
             Compare nnU-Net models of one dataset (e.g. one trainer per loss) and write one folder with
@@ -409,7 +449,6 @@ def register(subparsers) -> None:
             example:
               nnunet-losses report $nnUNet_results/Dataset001_X/nnUNetTrainer__nnUNetPlans__2d/fold_0 \\
                   $nnUNet_results/Dataset001_X/nnUNetTrainerMime__nnUNetPlans__2d/fold_0 -o report/"""),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("trainer_folders", nargs="+", metavar="FOLDER",
                         help="trainer output folders: .../<trainer>__<plans>__<config>/fold_N, or "
@@ -421,4 +460,3 @@ def register(subparsers) -> None:
                              "(default: ce dice mime)")
     parser.add_argument("--no-gradients", action="store_true", help="leave the gradient panel out")
     add_group_arguments(parser)
-    parser.set_defaults(func=_run)

@@ -139,6 +139,19 @@ def write_synthetic_dataset(
         ignore_label: add nnU-Net's ignore label on a band of rows of every other training case.
         seed: seed of the generator; the same arguments give the same files.
     """
+    _check_arguments(dataset_id, short_name, num_training, num_test, size)
+    raw_folder = Path(raw_folder)
+    _check_id_is_free(raw_folder, dataset_id)
+    name = dataset_name(dataset_id, short_name)
+    folder = raw_folder / name
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (folder / sub).mkdir(parents=True)
+    training, test = _write_cases(folder, short_name.lower(), num_training, num_test, size, ignore_label, seed)
+    _write_dataset_json(folder, name, num_training, regions, ignore_label)
+    return SyntheticDataset(folder, dataset_id, name, tuple(training), tuple(test))
+
+
+def _check_arguments(dataset_id, short_name, num_training, num_test, size) -> None:
     if isinstance(dataset_id, bool) or not isinstance(dataset_id, int) or not 1 <= dataset_id <= 999:
         raise ValueError(f"dataset_id: expected an int in [1, 999], got {dataset_id!r}")
     if not short_name or not short_name.replace("_", "").isalnum() or "__" in short_name:
@@ -149,7 +162,10 @@ def write_synthetic_dataset(
         raise ValueError(f"num_test: expected a number >= 0, got {num_test}")
     if size < 32:
         raise ValueError(f"size: expected at least 32 pixels, got {size}")
-    raw_folder = Path(raw_folder)
+
+
+def _check_id_is_free(raw_folder: Path, dataset_id: int) -> None:
+    """nnU-Net identifies datasets by ID, whatever their name: refuse an ID a folder already uses."""
     prefix = f"Dataset{dataset_id:03d}_"
     if raw_folder.is_dir():
         existing = sorted(p.name for p in raw_folder.iterdir() if p.name.startswith(prefix))
@@ -158,17 +174,18 @@ def write_synthetic_dataset(
                 f"dataset_id: expected an ID that is free in {raw_folder}, got {dataset_id}, already used by "
                 f"{existing[0]}; choose another ID or remove that folder yourself"
             )
-    name = dataset_name(dataset_id, short_name)
-    folder = raw_folder / name
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-        (folder / sub).mkdir(parents=True)
 
+
+def _write_cases(folder: Path, case_prefix: str, num_training: int, num_test: int, size: int, ignore_label: bool,
+                 seed: int) -> tuple[list, list]:
+    """The training cases (``imagesTr``/``labelsTr``), then the held-out ones (``imagesTs``/``labelsTs``),
+    drawn from one generator seeded with ``seed``; returns their identifiers."""
     rng = np.random.default_rng(seed)
     training, test = [], []
     for index in range(num_training + num_test):
         image, labels = synthetic_case(rng, size)
         is_training = index < num_training
-        case = f"{short_name.lower()}_{index:03d}"
+        case = f"{case_prefix}_{index:03d}"
         if is_training and ignore_label and index % 2 == 1:  # unannotated band of rows
             start = int(rng.integers(0, size // 2))
             labels[start: start + size // 3] = IGNORE_VALUE
@@ -176,7 +193,10 @@ def write_synthetic_dataset(
         _write(image, folder / f"images{split}" / f"{case}_0000{FILE_ENDING}")
         _write(labels, folder / f"labels{split}" / f"{case}{FILE_ENDING}")
         (training if is_training else test).append(case)
+    return training, test
 
+
+def _write_dataset_json(folder: Path, name: str, num_training: int, regions: bool, ignore_label: bool) -> None:
     labels_json = dict(REGION_LABELS if regions else LABELS)
     if ignore_label:
         labels_json["ignore"] = IGNORE_VALUE
@@ -192,4 +212,3 @@ def write_synthetic_dataset(
         license="CC0 (synthetic)",
         converted_by="nnunet-losses",
     )
-    return SyntheticDataset(folder, dataset_id, name, tuple(training), tuple(test))

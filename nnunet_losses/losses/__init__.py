@@ -1,14 +1,14 @@
 """The losses: one pure function per loss (its math in the docstring) and a thin ``nn.Module``, called
 with nnU-Net's convention ``loss(x, y, loss_mask=None)``. Pure PyTorch; of nnU-Net only its
-``AllGatherGrad`` (batch reductions under DDP). The contract is ``docs/losses.md``."""
+``AllGatherGrad`` (batch reductions under DDP, in :mod:`nnunet_losses.losses.distributed`). The contract
+is ``docs/losses.md``."""
 
-from .dice import PhiDiceLoss, estimate_epsilon, phi_dice_loss
+from .dice import PhiDiceLoss, dice_gradient_weights, estimate_epsilon, phi_dice_loss
 from .label_marginal import LabelMarginalLoss, label_marginal_loss, marginal_penalty
 from .mime import (
     DynamicMimeLoss,
     MimeLoss,
     NegativeMimeLoss,
-    dice_gradient_weights,
     dynamic_mime_loss,
     mime_loss,
     negative_mime_loss,

@@ -3,41 +3,27 @@ one-hot / region target, ignore label, mask, float32 compute dtype), and the pro
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from ._options import check_ignore_label
 
-class Prepared:
-    """What every loss needs from ``(x, y, loss_mask)``.
 
-    ``labels`` is the integer label map ``(B, 1, *spatial)`` when one was given (masked voxels set to
-    0), else None; ``mask`` is None or a float ``(B, 1, *spatial)`` tensor; ``target`` is the float
-    one-hot / region tensor shaped like ``x``: given by the caller, or built from ``labels`` (under
-    ``no_grad``) only when a loss asks for it -- the overlap sums never need it.
+class Prepared(NamedTuple):
+    """What every loss needs from ``(x, y, loss_mask)``, checked (see :func:`prepare`).
+
+    Exactly one of ``labels`` and ``target`` is set: ``labels`` the integer label map
+    ``(B, 1, *spatial)`` when one was given (masked voxels set to 0), ``target`` the caller's float
+    one-hot / region target shaped like ``x`` otherwise; no one-hot map is ever built from a label
+    map (the overlap sums gather and scatter instead). ``mask`` is None or a float
+    ``(B, 1, *spatial)`` tensor (the ignore label folded in), ``dtype`` the compute dtype.
     """
 
-    def __init__(self, labels, given_target, mask, dtype, shape, device):
-        self.labels = labels
-        self.mask = mask
-        self.dtype = dtype
-        self._target = given_target
-        self._shape = shape
-        self._device = device
-
-    @property
-    def target(self) -> torch.Tensor:
-        if self._target is None:
-            with torch.no_grad():
-                self._target = torch.zeros(self._shape, device=self._device, dtype=self.dtype)
-                self._target.scatter_(1, self.labels, 1)
-        return self._target
-
-    @property
-    def given_target(self) -> Optional[torch.Tensor]:
-        """The caller's one-hot/region target (None for a label map)."""
-        return None if self.labels is not None else self._target
+    labels: Optional[torch.Tensor]
+    target: Optional[torch.Tensor]
+    mask: Optional[torch.Tensor]
+    dtype: torch.dtype
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -72,7 +58,7 @@ def prepare(
     activation: str = "softmax",
     ignore_label: Optional[int] = None,
 ) -> Prepared:
-    """Check ``x``, ``y`` and ``loss_mask`` and turn ``y`` into a float one-hot / region target.
+    """Check ``x``, ``y`` and ``loss_mask`` once per call, and prepare them for the sums.
 
     * softmax: ``y`` is a ``(B, 1, *spatial)`` label map with values in ``[0, C-1]`` (or
       ``ignore_label``), or a ``(B, C, *spatial)`` one-hot target.
@@ -83,6 +69,27 @@ def prepare(
     """
     check_logits(x, activation)
     ignore_label = check_ignore_label(ignore_label)
+    y, is_label_map = _checked_target(x, y, activation)
+    mask = _checked_mask(x, loss_mask)
+    dtype = compute_dtype(x)
+    with torch.no_grad():
+        labels = target = None
+        if is_label_map:
+            labels, mask = _prepared_labels(y, mask, ignore_label, x.shape[1])
+        else:
+            if ignore_label is not None:
+                raise ValueError(
+                    "ignore_label: expected a (B, 1, ...) label map target to find the ignore label in, got a "
+                    f"one-hot/region target of shape {tuple(y.shape)}; pass loss_mask instead"
+                )
+            target = y.to(dtype)
+        if mask is not None:
+            mask = mask.to(dtype)
+    return Prepared(labels, target, mask, dtype)
+
+
+def _checked_target(x: torch.Tensor, y: object, activation: str) -> Tuple[torch.Tensor, bool]:
+    """``y`` with its channel axis, and whether it is a label map (else one-hot / regions)."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y: expected a torch.Tensor target, got {type(y).__name__}")
     if y.is_complex():
@@ -105,53 +112,48 @@ def prepare(
             f"y: expected a (B, {num_channels}, ...) region target for activation='sigmoid' (every channel is a "
             f"region, as nnU-Net's region datasets), got a label map of shape {received}"
         )
+    return y, is_label_map
 
-    mask = None
-    if loss_mask is not None:
-        if not isinstance(loss_mask, torch.Tensor):
-            raise TypeError(f"loss_mask: expected a torch.Tensor or None, got {type(loss_mask).__name__}")
-        received = tuple(loss_mask.shape)
-        loss_mask = _with_channel_dim(loss_mask, x)
-        if loss_mask.shape != (x.shape[0], 1, *x.shape[2:]):
+
+def _checked_mask(x: torch.Tensor, loss_mask: object) -> Optional[torch.Tensor]:
+    """``loss_mask`` with its channel axis (None stays None), shape checked against ``x``."""
+    if loss_mask is None:
+        return None
+    if not isinstance(loss_mask, torch.Tensor):
+        raise TypeError(f"loss_mask: expected a torch.Tensor or None, got {type(loss_mask).__name__}")
+    received = tuple(loss_mask.shape)
+    loss_mask = _with_channel_dim(loss_mask, x)
+    if loss_mask.shape != (x.shape[0], 1, *x.shape[2:]):
+        raise ValueError(
+            f"loss_mask: expected shape {(x.shape[0], 1, *x.shape[2:])} (1 = voxel counts), "
+            f"got shape {received}"
+        )
+    return loss_mask
+
+
+def _prepared_labels(y: torch.Tensor, mask: Optional[torch.Tensor], ignore_label: Optional[int],
+                     num_channels: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The integer label map (masked voxels set to 0, range checked) and the mask with the ignore
+    label folded in. Runs under ``no_grad``."""
+    labels = y if not y.is_floating_point() else y.round()
+    labels = labels.long()
+    if ignore_label is not None:
+        keep = labels != ignore_label
+        mask = keep if mask is None else (mask.bool() & keep)
+    if mask is not None:
+        labels = torch.where(mask.bool(), labels, 0)
+    # out-of-range labels would corrupt scatter/gather: check them, except inside torch.compile,
+    # where the host sync would break the graph (nnU-Net compiles the loss on CUDA)
+    if labels.numel() and not torch.compiler.is_compiling():
+        lo, hi = torch.aminmax(labels)
+        lo, hi = int(lo), int(hi)  # one host sync; out-of-range labels would corrupt scatter_
+        if lo < 0 or hi >= num_channels:
             raise ValueError(
-                f"loss_mask: expected shape {(x.shape[0], 1, *x.shape[2:])} (1 = voxel counts), "
-                f"got shape {received}"
+                f"y: expected labels in [0, {num_channels - 1}] for x with {num_channels} channels"
+                + (f" (or the ignore label {ignore_label})" if ignore_label is not None else "")
+                + f", got values in [{lo}, {hi}]"
             )
-        mask = loss_mask
-
-    dtype = compute_dtype(x)
-    with torch.no_grad():
-        labels = None
-        if is_label_map:
-            labels = y if not y.is_floating_point() else y.round()
-            labels = labels.long()
-            if ignore_label is not None:
-                keep = labels != ignore_label
-                mask = keep if mask is None else (mask.bool() & keep)
-            if mask is not None:
-                labels = torch.where(mask.bool(), labels, 0)
-            # out-of-range labels would corrupt scatter/gather: check them, except inside torch.compile,
-            # where the host sync would break the graph (nnU-Net compiles the loss on CUDA)
-            if labels.numel() and not torch.compiler.is_compiling():
-                lo, hi = torch.aminmax(labels)
-                lo, hi = int(lo), int(hi)  # one host sync; out-of-range labels would corrupt scatter_
-                if lo < 0 or hi >= num_channels:
-                    raise ValueError(
-                        f"y: expected labels in [0, {num_channels - 1}] for x with {num_channels} channels"
-                        + (f" (or the ignore label {ignore_label})" if ignore_label is not None else "")
-                        + f", got values in [{lo}, {hi}]"
-                    )
-            target = None
-        else:
-            if ignore_label is not None:
-                raise ValueError(
-                    "ignore_label: expected a (B, 1, ...) label map target to find the ignore label in, got a "
-                    f"one-hot/region target of shape {tuple(y.shape)}; pass loss_mask instead"
-                )
-            target = y.to(dtype)
-        if mask is not None:
-            mask = mask.to(dtype)
-    return Prepared(labels, target, mask, dtype, x.shape, x.device)
+    return labels, mask
 
 
 def probabilities(x: torch.Tensor, activation: str, dtype: torch.dtype) -> torch.Tensor:
@@ -175,7 +177,6 @@ def check_annotated(annotated: object, batch: int, num_channels: int, device: to
             f"got shape {tuple(annotated.shape)}"
         )
     return annotated.to(device)
-
 
 
 def label_counts(label_map: torch.Tensor, num_classes: int) -> torch.Tensor:

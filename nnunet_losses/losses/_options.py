@@ -15,7 +15,6 @@ PHIS = ("I", "CI", "BI", "BCI")
 ClassValues = Union[float, Sequence[float], torch.Tensor]
 
 
-
 def check_option(name: str, value: object, allowed: Sequence[str]) -> str:
     """Return ``value`` if it is one of ``allowed``; raise a ValueError with a suggestion if not."""
     if not isinstance(value, str):
@@ -90,3 +89,20 @@ def per_class(name: str, values: torch.Tensor, num_channels: int, like: torch.Te
         )
     return values.to(device=like.device, dtype=like.dtype).expand(num_channels)
 
+
+
+def check_phi_options(phi: object, epsilon: ClassValues, include_background: object, activation: object,
+                      ddp: object) -> torch.Tensor:
+    """The options of the Φ losses (Φ Dice, dynamic mime), checked together because ε depends on Φ: a
+    per-class ε needs one subset per class (Φ = I or BI). Returns ε as :func:`class_values` gives it."""
+    epsilon = class_values("epsilon", epsilon)
+    check_option("phi", phi, PHIS)
+    check_optional_bool("ddp", ddp)
+    check_bool("include_background", include_background)
+    check_option("activation", activation, ACTIVATIONS)
+    if epsilon.ndim == 1 and phi in ("CI", "BCI"):
+        raise ValueError(
+            f"epsilon: expected a single number for phi={phi!r} (its subsets span all classes), "
+            f"got {epsilon.numel()} per-class values; per-class epsilon works with phi='I' or 'BI'"
+        )
+    return epsilon

@@ -1,18 +1,62 @@
 """The overlap sums every Dice and mime loss is a function of: per (sample, class), the intersection
 ``I = Σ m y s``, the prediction ``P = Σ m s``, the ground truth ``G = Σ m y`` and, for marginal Dice,
-``R = Σ m y_0 s``. One fused autograd Function (eager) and its custom-operator twin (torch.compile)."""
+``R = Σ m y_0 s`` (the background row). One entry point, :func:`overlap_sums`, returning
+:class:`OverlapSums`; behind it one fused autograd Function (:class:`OverlapSumsFunction`, eager) and
+its custom-operator twin ``nnunet_losses::overlap_sums`` (:func:`overlap_sums_op`, torch.compile)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from ._inputs import Prepared, compute_dtype, probabilities
 from ._reductions import spatial_sum
 
-def _overlap_forward(x, labels, target, mask, softmax: bool, background_row: bool):
-    """The forward of :class:`_OverlapSums`: ``(I, P, R or None, probabilities (B, C, N))``."""
+
+class OverlapSums(NamedTuple):
+    """The ``(B, C)`` tables of :func:`overlap_sums`; ``ground_truth`` and ``background_row`` are None
+    unless asked for."""
+
+    intersection: torch.Tensor
+    prediction: torch.Tensor
+    ground_truth: Optional[torch.Tensor]
+    background_row: Optional[torch.Tensor]
+
+
+def overlap_sums(x: torch.Tensor, prepared: Prepared, activation: str, *, ground_truth: bool = False,
+                 background_row: bool = False) -> OverlapSums:
+    """Per (b, c): the intersection ``Σ m·y·s`` and the prediction ``Σ m·s`` from the logits ``x`` (with
+    gradient), and when asked the ground truth ``Σ m·y`` (:func:`overlap_sums_ground_truth`, no
+    gradient) and the background row ``Σ m·y_0·s`` (softmax only). See :class:`OverlapSumsFunction`."""
+    if background_row and activation != "softmax":
+        raise ValueError("background_row: expected activation='softmax' (sigmoid regions have no background)")
+    labels, target, mask = prepared.labels, prepared.target, prepared.mask
+    softmax = activation == "softmax"
+    if torch.compiler.is_compiling():  # opaque to the compiler; eager keeps the Function's single softmax
+        intersection, prediction, row = overlap_sums_op(x, labels, target, mask, softmax, background_row)
+        row = row if background_row else None
+    else:
+        intersection, prediction, row = OverlapSumsFunction.apply(x, labels, target, mask, softmax, background_row)
+    truth = overlap_sums_ground_truth(prepared, x.shape[1]) if ground_truth else None
+    return OverlapSums(intersection, prediction, truth, row)
+
+
+@torch.no_grad()
+def overlap_sums_ground_truth(prepared: Prepared, num_channels: int) -> torch.Tensor:
+    """``G = Σ_i m·y`` per (b, c), alone (no logits needed), without building a one-hot map for label
+    maps: for losses that need it before (or instead of) the probability sums."""
+    labels, mask = prepared.labels, prepared.mask
+    if labels is None:
+        target = prepared.target
+        return spatial_sum(target if mask is None else target * mask)
+    weights = torch.ones_like(labels, dtype=prepared.dtype) if mask is None else mask.to(prepared.dtype)
+    sums = torch.zeros(labels.shape[0], num_channels, dtype=prepared.dtype, device=labels.device)
+    return sums.scatter_add_(1, labels.flatten(1), weights.flatten(1))
+
+
+def _overlap_sums_forward(x, labels, target, mask, softmax: bool, background_row: bool):
+    """The forward of :class:`OverlapSumsFunction`: ``(I, P, R or None, probabilities (B, C, N))``."""
     dtype = compute_dtype(x)
     probs = probabilities(x, "softmax" if softmax else "sigmoid", dtype).flatten(2)  # (B, C, N)
     weights = None if mask is None else mask.flatten(1).to(dtype)  # (B, N)
@@ -38,8 +82,9 @@ def _overlap_forward(x, labels, target, mask, softmax: bool, background_row: boo
     return intersection, prediction, row, probs
 
 
-def _overlap_backward(probs, x, labels, target, mask, softmax: bool, grad_intersection, grad_prediction, grad_row):
-    """The gradient of :class:`_OverlapSums` with respect to ``x``, written into ``probs`` (the
+def _overlap_sums_backward(probs, x, labels, target, mask, softmax: bool, grad_intersection, grad_prediction,
+                           grad_row):
+    """The gradient of :class:`OverlapSumsFunction` with respect to ``x``, written into ``probs`` (the
     forward's probabilities, overwritten) or, when ``probs`` is None, into freshly computed ones."""
     dtype = compute_dtype(x)
     if probs is None:
@@ -47,55 +92,60 @@ def _overlap_backward(probs, x, labels, target, mask, softmax: bool, grad_inters
     zeros = probs.new_zeros(probs.shape[:2])
     g_int = zeros if grad_intersection is None else grad_intersection.to(dtype)  # (B, C)
     g_pred = zeros if grad_prediction is None else grad_prediction.to(dtype)
-    weights = None if mask is None else mask.flatten(1).to(dtype)  # (B, N)
+    g_row = None if grad_row is None else grad_row.to(dtype)
     if labels is not None:  # softmax only: sigmoid always has a region target
-        # ∂/∂x_c = s_c (g^P_c + g^R_c y_0 - Σ_k g_k s_k) + [c = l] s_l g^I_l, written into the
-        # probability tensor channel by channel; besides it, only (B, N) tensors are allocated
-        flat_labels = labels.flatten(1)  # (B, N)
-        at_label = probs.gather(1, flat_labels.unsqueeze(1)).squeeze(1)
-        # the same weight for every class of a sample (the mime with scalar a, b): one read decides
-        same_int, same_pred = (bool(v) for v in torch.stack([(g_int == g_int[:, :1]).all(),
-                                                              (g_pred == g_pred[:, :1]).all()]).tolist())
-        at_label.mul_(g_int[:, :1] if same_int else g_int.gather(1, flat_labels))  # s_l g^I_l
-        if same_pred and grad_row is None:
-            # Σ_k g^P_k s_k = g^P (the probabilities sum to 1): every channel's factor is -s_l g^I_l
-            probs.mul_(at_label.neg().unsqueeze(1))
-        else:
-            mean = torch.einsum("bcn,bc->bn", probs, g_pred).add_(at_label)  # Σ_k g_k s_k
-            on_background = None
-            if grad_row is not None:
-                g_row = grad_row.to(dtype)
-                on_background = _background_weights(flat_labels, None, dtype)
-                mean.addcmul_(on_background, torch.einsum("bcn,bc->bn", probs, g_row))
-            factor = torch.empty_like(mean)  # one buffer for every channel
-            for channel in range(probs.shape[1]):
-                torch.sub(g_pred[:, channel:channel + 1], mean, out=factor)
-                if on_background is not None:
-                    factor.addcmul_(on_background, g_row[:, channel:channel + 1])
-                probs[:, channel].mul_(factor)
-            del mean, factor, on_background
-        grad = probs.scatter_add_(1, flat_labels.unsqueeze(1), at_label.unsqueeze(1))
+        grad = _gradient_at_labels(probs, labels.flatten(1), g_int, g_pred, g_row)
     else:
-        # one-hot / region targets: g itself is the one other logits-sized tensor
-        flat_target = target.flatten(2).to(dtype)
-        g = (flat_target * g_int.unsqueeze(-1)).add_(g_pred.unsqueeze(-1))
-        if grad_row is not None:
-            g.addcmul_(flat_target[:, :1], grad_row.to(dtype).unsqueeze(-1))
-        if softmax:
-            mean = torch.zeros_like(g[:, 0])  # Σ_k g_k s_k, (B, N)
-            for channel in range(probs.shape[1]):
-                mean.addcmul_(g[:, channel], probs[:, channel])
-            grad = probs.mul_(g.sub_(mean.unsqueeze(1)))
-        else:
-            g.mul_(probs)
-            grad = probs.neg_().add_(1).mul_(g)  # g s (1 - s)
-        del g
-    if weights is not None:
-        grad.mul_(weights.unsqueeze(1))
+        grad = _gradient_at_target(probs, target.flatten(2).to(dtype), g_int, g_pred, g_row, softmax)
+    if mask is not None:
+        grad.mul_(mask.flatten(1).to(dtype).unsqueeze(1))  # the weights m, (B, 1, N)
     return grad.view(x.shape).to(x.dtype)
 
 
-class _OverlapSums(torch.autograd.Function):
+def _gradient_at_labels(probs, flat_labels, g_int, g_pred, g_row):
+    """The unmasked softmax gradient for a label map ``(B, N)``, written into ``probs``:
+    ∂/∂x_c = s_c (g^P_c + g^R_c y_0 - Σ_k g_k s_k) + [c = l] s_l g^I_l, channel by channel; besides
+    the probabilities, only (B, N) tensors are allocated."""
+    at_label = probs.gather(1, flat_labels.unsqueeze(1)).squeeze(1)
+    # the same weight for every class of a sample (the mime with scalar a, b): one read decides
+    same_int, same_pred = (bool(v) for v in torch.stack([(g_int == g_int[:, :1]).all(),
+                                                          (g_pred == g_pred[:, :1]).all()]).tolist())
+    at_label.mul_(g_int[:, :1] if same_int else g_int.gather(1, flat_labels))  # s_l g^I_l
+    if same_pred and g_row is None:
+        # Σ_k g^P_k s_k = g^P (the probabilities sum to 1): every channel's factor is -s_l g^I_l
+        probs.mul_(at_label.neg().unsqueeze(1))
+    else:
+        mean = torch.einsum("bcn,bc->bn", probs, g_pred).add_(at_label)  # Σ_k g_k s_k
+        on_background = None
+        if g_row is not None:
+            on_background = _background_weights(flat_labels, None, probs.dtype)
+            mean.addcmul_(on_background, torch.einsum("bcn,bc->bn", probs, g_row))
+        factor = torch.empty_like(mean)  # one buffer for every channel
+        for channel in range(probs.shape[1]):
+            torch.sub(g_pred[:, channel:channel + 1], mean, out=factor)
+            if on_background is not None:
+                factor.addcmul_(on_background, g_row[:, channel:channel + 1])
+            probs[:, channel].mul_(factor)
+        del mean, factor, on_background
+    return probs.scatter_add_(1, flat_labels.unsqueeze(1), at_label.unsqueeze(1))
+
+
+def _gradient_at_target(probs, flat_target, g_int, g_pred, g_row, softmax: bool):
+    """The unmasked gradient for a one-hot / region target ``(B, C, N)``, written into ``probs``;
+    g itself is the one other logits-sized tensor."""
+    g = (flat_target * g_int.unsqueeze(-1)).add_(g_pred.unsqueeze(-1))
+    if g_row is not None:
+        g.addcmul_(flat_target[:, :1], g_row.unsqueeze(-1))
+    if softmax:
+        mean = torch.zeros_like(g[:, 0])  # Σ_k g_k s_k, (B, N)
+        for channel in range(probs.shape[1]):
+            mean.addcmul_(g[:, channel], probs[:, channel])
+        return probs.mul_(g.sub_(mean.unsqueeze(1)))
+    g.mul_(probs)
+    return probs.neg_().add_(1).mul_(g)  # g s (1 - s)
+
+
+class OverlapSumsFunction(torch.autograd.Function):
     r"""Per (b, c) sums of the probabilities, straight from the logits, with a closed-form backward.
 
     ``I = Σ_i m y s`` (intersection), ``P = Σ_i m s`` (prediction) and, for marginal Dice,
@@ -111,14 +161,15 @@ class _OverlapSums(torch.autograd.Function):
     backward, and the softmax runs once. A second backward through the same graph
     (``retain_graph=True``) finds them consumed and recomputes them from the saved logits.
     Under ``torch.compile`` the custom operator ``nnunet_losses::overlap_sums`` runs instead (see
-    :func:`overlap_stats`).
+    :func:`overlap_sums`).
     """
 
     @staticmethod
     def forward(ctx, x, labels, target, mask, softmax: bool, background_row: bool):
         ctx.set_materialize_grads(False)
         with torch.autocast(x.device.type, enabled=False):  # sums stay float32 under autocast
-            intersection, prediction, row, probs = _overlap_forward(x, labels, target, mask, softmax, background_row)
+            intersection, prediction, row, probs = _overlap_sums_forward(x, labels, target, mask, softmax,
+                                                                         background_row)
         ctx.save_for_backward(x, labels, target, mask)
         ctx.softmax = softmax
         # not saved with save_for_backward: the backward overwrites it (see the class docstring)
@@ -130,8 +181,8 @@ class _OverlapSums(torch.autograd.Function):
         x, labels, target, mask = ctx.saved_tensors
         probs, ctx.probs = ctx.probs, None  # consumed: a second backward recomputes them
         with torch.autocast(x.device.type, enabled=False):
-            grad = _overlap_backward(probs, x, labels, target, mask, ctx.softmax, grad_intersection,
-                                     grad_prediction, grad_row)
+            grad = _overlap_sums_backward(probs, x, labels, target, mask, ctx.softmax, grad_intersection,
+                                          grad_prediction, grad_row)
         return grad, None, None, None, None, None
 
 
@@ -147,30 +198,31 @@ def _background_weights(flat_labels: torch.Tensor, weights: Optional[torch.Tenso
 # re-planning the in-place backward with buffers of its own (1.5-2.7x the eager peak memory)
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("nnunet_losses::overlap_sums", mutates_args=())
-def _overlap_sums_op(x: torch.Tensor, labels: Optional[torch.Tensor], target: Optional[torch.Tensor],
-                     mask: Optional[torch.Tensor], softmax: bool,
-                     background_row: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def overlap_sums_op(x: torch.Tensor, labels: Optional[torch.Tensor], target: Optional[torch.Tensor],
+                    mask: Optional[torch.Tensor], softmax: bool,
+                    background_row: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with torch.autocast(x.device.type, enabled=False):
-        intersection, prediction, row, _ = _overlap_forward(x, labels, target, mask, softmax, background_row)
+        intersection, prediction, row, _ = _overlap_sums_forward(x, labels, target, mask, softmax, background_row)
     return intersection, prediction, (torch.zeros_like(prediction) if row is None else row)
 
 
-@_overlap_sums_op.register_fake
+@overlap_sums_op.register_fake
 def _(x, labels, target, mask, softmax, background_row):
     table = x.new_empty(x.shape[:2], dtype=compute_dtype(x))
     return table, torch.empty_like(table), torch.empty_like(table)
 
 
 @torch.library.custom_op("nnunet_losses::overlap_sums_backward", mutates_args=())
-def _overlap_sums_backward_op(x: torch.Tensor, labels: Optional[torch.Tensor], target: Optional[torch.Tensor],
-                              mask: Optional[torch.Tensor], softmax: bool, grad_intersection: Optional[torch.Tensor],
-                              grad_prediction: Optional[torch.Tensor],
-                              grad_row: Optional[torch.Tensor]) -> torch.Tensor:
+def overlap_sums_backward_op(x: torch.Tensor, labels: Optional[torch.Tensor], target: Optional[torch.Tensor],
+                             mask: Optional[torch.Tensor], softmax: bool, grad_intersection: Optional[torch.Tensor],
+                             grad_prediction: Optional[torch.Tensor],
+                             grad_row: Optional[torch.Tensor]) -> torch.Tensor:
     with torch.autocast(x.device.type, enabled=False):
-        return _overlap_backward(None, x, labels, target, mask, softmax, grad_intersection, grad_prediction, grad_row)
+        return _overlap_sums_backward(None, x, labels, target, mask, softmax, grad_intersection, grad_prediction,
+                                      grad_row)
 
 
-@_overlap_sums_backward_op.register_fake
+@overlap_sums_backward_op.register_fake
 def _(x, labels, target, mask, softmax, grad_intersection, grad_prediction, grad_row):
     return torch.empty_like(x)
 
@@ -183,48 +235,9 @@ def _overlap_sums_setup_context(ctx, inputs, output):
 
 def _overlap_sums_op_backward(ctx, grad_intersection, grad_prediction, grad_row):
     x, labels, target, mask = ctx.saved_tensors
-    grad = _overlap_sums_backward_op(x, labels, target, mask, ctx.softmax, grad_intersection, grad_prediction,
-                                     grad_row if ctx.background_row else None)
+    grad = overlap_sums_backward_op(x, labels, target, mask, ctx.softmax, grad_intersection, grad_prediction,
+                                    grad_row if ctx.background_row else None)
     return grad, None, None, None, None, None
 
 
-_overlap_sums_op.register_autograd(_overlap_sums_op_backward, setup_context=_overlap_sums_setup_context)
-
-
-@torch.no_grad()
-def ground_truth_sums(prepared: "Prepared", num_channels: int) -> torch.Tensor:
-    """``Σ_i m·y`` per (b, c), without building a one-hot map for label maps."""
-    labels, mask = prepared.labels, prepared.mask
-    if labels is None:
-        target = prepared.given_target
-        return spatial_sum(target if mask is None else target * mask)
-    weights = torch.ones_like(labels, dtype=prepared.dtype) if mask is None else mask.to(prepared.dtype)
-    sums = torch.zeros(labels.shape[0], num_channels, dtype=prepared.dtype, device=labels.device)
-    return sums.scatter_add_(1, labels.flatten(1), weights.flatten(1))
-
-
-def probability_sums(x: torch.Tensor, prepared: "Prepared", activation: str, background_row: bool = False):
-    """Per (b, c): intersection ``Σ m·y·s``, prediction ``Σ m·s`` and, with ``background_row``,
-    ``Σ m·y_0·s`` (else None) -- from the logits ``x``, see :class:`_OverlapSums`."""
-    if background_row and activation != "softmax":
-        raise ValueError("background_row: expected activation='softmax' (sigmoid regions have no background)")
-    labels, target, mask = prepared.labels, prepared.given_target, prepared.mask
-    if torch.compiler.is_compiling():  # opaque to the compiler; eager keeps the Function's single softmax
-        intersection, prediction, row = _overlap_sums_op(x, labels, target, mask, activation == "softmax",
-                                                         background_row)
-        return intersection, prediction, (row if background_row else None)
-    return _OverlapSums.apply(x, labels, target, mask, activation == "softmax", background_row)
-
-
-def overlap_stats(x: torch.Tensor, prepared: "Prepared", activation: str, background_row: bool = False,
-                  ground_truth: Optional[torch.Tensor] = None):
-    """:func:`probability_sums` and the ground truth ``Σ m·y`` (no gradient): ``(I, P, G)``, or
-    ``(I, P, G, R)`` with ``background_row``. ``ground_truth``: the caller's :func:`ground_truth_sums`,
-    when it needed them first."""
-    intersection, prediction, row = probability_sums(x, prepared, activation, background_row)
-    if ground_truth is None:
-        ground_truth = ground_truth_sums(prepared, x.shape[1])
-    if background_row:
-        return intersection, prediction, ground_truth, row
-    return intersection, prediction, ground_truth
-
+overlap_sums_op.register_autograd(_overlap_sums_op_backward, setup_context=_overlap_sums_setup_context)

@@ -3,44 +3,24 @@ of missing or empty labels: introducing Φ and ε"), and the heuristic ε of its
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from ._inputs import label_counts, prepare
-from ._options import (
-    ACTIVATIONS,
-    ClassValues,
-    PHIS,
-    check_bool,
-    check_ignore_label,
-    check_option,
-    check_optional_bool,
-    class_values,
-    per_class,
-)
-from ._overlap_sums import overlap_stats
-from ._reductions import ddp_active, reduce_phi, soft_dice
-
-
-def _check_phi_options(phi, include_background, activation, epsilon: torch.Tensor, ddp=None):
-    check_option("phi", phi, PHIS)
-    check_optional_bool("ddp", ddp)
-    check_bool("include_background", include_background)
-    check_option("activation", activation, ACTIVATIONS)
-    if epsilon.ndim == 1 and phi in ("CI", "BCI"):
-        raise ValueError(
-            f"epsilon: expected a single number for phi={phi!r} (its subsets span all classes), "
-            f"got {epsilon.numel()} per-class values; per-class epsilon works with phi='I' or 'BI'"
-        )
+from ._options import ClassValues, check_ignore_label, check_phi_options, per_class
+from ._overlap_sums import overlap_sums
+from ._reductions import dice_denominator, reduce_phi, soft_dice
+from .distributed import ddp_active
 
 
 def phi_dice_loss(
     x: torch.Tensor,
     y: torch.Tensor,
     loss_mask: Optional[torch.Tensor] = None,
+    *,
     phi: str = "I",
     epsilon: ClassValues = 1e-7,
     include_background: bool = False,
@@ -83,16 +63,17 @@ def phi_dice_loss(
         >>> phi_dice_loss(x, y, epsilon=0.0)                  # 1 - 2·0.5 / (1 + 1)
         tensor(0.5000)
     """
-    eps = class_values("epsilon", epsilon)
-    _check_phi_options(phi, include_background, activation, eps, ddp)
+    eps = check_phi_options(phi, epsilon, include_background, activation, ddp)
     return _phi_dice(x, y, loss_mask, phi, eps, include_background, activation, ddp, ignore_label)
 
 
 def _phi_dice(x, y, loss_mask, phi, eps, include_background, activation, ddp, ignore_label):
+    # options already checked (by phi_dice_loss or the module's __init__)
     prepared = prepare(x, y, loss_mask, activation, ignore_label)
     first = 1 if (activation == "softmax" and not include_background) else 0
+    sums = overlap_sums(x, prepared, activation, ground_truth=True)
     # excluded means left out of the mean, not weighted 0 inside it
-    stats = tuple(s[:, first:] for s in overlap_stats(x, prepared, activation))
+    stats = tuple(s[:, first:] for s in (sums.intersection, sums.prediction, sums.ground_truth))
     eps = per_class("epsilon", eps, x.shape[1], stats[0])[first:]
     stats = reduce_phi(stats, phi, gather=phi in ("BI", "BCI") and ddp_active(ddp))
     if phi in ("CI", "BCI"):
@@ -105,11 +86,10 @@ class PhiOptionsModule(nn.Module):
     :class:`~nnunet_losses.DynamicMimeLoss`); ``epsilon`` (scalar or per class) is a buffer, so a
     trainer can overwrite it in place (heuristic ε) and it follows ``.to(device)`` and ``state_dict``."""
 
-    def __init__(self, phi: str = "I", epsilon: ClassValues = 1e-7, include_background: bool = False,
+    def __init__(self, *, phi: str = "I", epsilon: ClassValues = 1e-7, include_background: bool = False,
                  activation: str = "softmax", ddp: Optional[bool] = None, ignore_label: Optional[int] = None):
         super().__init__()
-        self.register_buffer("epsilon", class_values("epsilon", epsilon))
-        _check_phi_options(phi, include_background, activation, self.epsilon, ddp)
+        self.register_buffer("epsilon", check_phi_options(phi, epsilon, include_background, activation, ddp))
         self.phi = phi
         self.include_background = include_background
         self.activation = activation
@@ -130,7 +110,28 @@ class PhiDiceLoss(PhiOptionsModule):
                          self.ignore_label)
 
 
-def estimate_epsilon(targets: Iterable, num_classes: int, ignore_label: Optional[int] = None) -> torch.Tensor:
+def dice_gradient_weights(intersection: torch.Tensor, prediction: torch.Tensor, ground_truth: torch.Tensor, *,
+                          epsilon, num_subsets) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""The two values of the Dice loss gradient per subset φ (Tilborghs eq. 4, Kervadec eq. 6).
+
+    With :math:`D = U + ε`, :math:`U = Σ_φ (y + s)`, :math:`I = Σ_φ y s`:
+    :math:`a = \frac{1}{|Φ|}\left(\frac{2}{D} - \frac{2I + ε}{D^2}\right)` (minus the gradient where
+    :math:`y = 1`) and :math:`b = \frac{2I + ε}{|Φ| D^2}` (the gradient where :math:`y = 0`).
+    With ε = 0 and one subset: :math:`a = 2(U-I)/U^2`, :math:`b = 2I/U^2` (eq. 6).
+
+    Example:
+        >>> I, P, G = torch.tensor(2.0), torch.tensor(3.0), torch.tensor(5.0)   # U = 8
+        >>> a, b = dice_gradient_weights(I, P, G, epsilon=0.0, num_subsets=1)
+        >>> float(a), float(b)                                                   # 2·6/64, 2·2/64
+        (0.1875, 0.0625)
+    """
+    denominator = dice_denominator(prediction, ground_truth, epsilon)
+    b = (2 * intersection + epsilon) / (num_subsets * denominator**2)
+    a = 2 / (num_subsets * denominator) - b
+    return a, b
+
+
+def estimate_epsilon(targets: Iterable, num_classes: int, *, ignore_label: Optional[int] = None) -> torch.Tensor:
     r"""The heuristic ε of Tilborghs et al. §2.3: :math:`ε_c = \mathbb{E}\left[\sum_i y_{b,c,i}\right]`.
 
     The mean, over every sample of every batch in ``targets`` (empty samples included, as zeros), of
@@ -168,31 +169,35 @@ def estimate_epsilon(targets: Iterable, num_classes: int, ignore_label: Optional
     totals = torch.zeros(num_classes, dtype=torch.float64)
     samples = 0
     for index, target in enumerate(targets):
-        if isinstance(target, np.ndarray):
-            target = torch.from_numpy(target)
-        if not isinstance(target, torch.Tensor):
-            raise TypeError(f"targets[{index}]: expected a tensor or numpy array, got {type(target).__name__}")
-        if target.ndim not in (4, 5) or target.shape[1] not in (1, num_classes):
-            raise ValueError(
-                f"targets[{index}]: expected a (B, 1, *spatial) label map or a (B, {num_classes}, *spatial) "
-                f"target with 2 or 3 spatial axes, got shape {tuple(target.shape)}"
-            )
-        target = target.detach().cpu()
-        if target.shape[1] == 1 and num_classes > 1:
-            labels = target.round().long() if target.is_floating_point() else target.long()
-            counted = labels if ignore_label is None else labels[labels != ignore_label]
-            if counted.numel() and (counted.min() < 0 or counted.max() >= num_classes):
-                raise ValueError(
-                    f"targets[{index}]: expected labels in [0, {num_classes - 1}], "
-                    f"got values in [{int(counted.min())}, {int(counted.max())}]"
-                )
-            if ignore_label is not None:  # ignored voxels go to an extra bin that is dropped
-                labels = torch.where(labels == ignore_label, num_classes, labels)
-            counts = label_counts(labels, num_classes + 1)[:, :num_classes]
-        else:
-            counts = target.reshape(target.shape[0], target.shape[1], -1).to(torch.float64).sum(-1)
+        counts = _class_counts(index, target, num_classes, ignore_label)
         totals += counts.sum(0)
         samples += counts.shape[0]
     if samples == 0:
         raise ValueError("targets: expected at least one batch of label maps, got an empty iterable")
     return totals / samples
+
+
+def _class_counts(index: int, target: object, num_classes: int, ignore_label: Optional[int]) -> torch.Tensor:
+    """Each class's voxel count per sample of ``targets[index]``, checked: float64 ``(B, num_classes)``."""
+    if isinstance(target, np.ndarray):
+        target = torch.from_numpy(target)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"targets[{index}]: expected a tensor or numpy array, got {type(target).__name__}")
+    if target.ndim not in (4, 5) or target.shape[1] not in (1, num_classes):
+        raise ValueError(
+            f"targets[{index}]: expected a (B, 1, *spatial) label map or a (B, {num_classes}, *spatial) "
+            f"target with 2 or 3 spatial axes, got shape {tuple(target.shape)}"
+        )
+    target = target.detach().cpu()
+    if target.shape[1] != 1 or num_classes == 1:
+        return target.reshape(target.shape[0], target.shape[1], -1).to(torch.float64).sum(-1)
+    labels = target.round().long() if target.is_floating_point() else target.long()
+    counted = labels if ignore_label is None else labels[labels != ignore_label]
+    if counted.numel() and (counted.min() < 0 or counted.max() >= num_classes):
+        raise ValueError(
+            f"targets[{index}]: expected labels in [0, {num_classes - 1}], "
+            f"got values in [{int(counted.min())}, {int(counted.max())}]"
+        )
+    if ignore_label is not None:  # ignored voxels go to an extra bin that is dropped
+        labels = torch.where(labels == ignore_label, num_classes, labels)
+    return label_counts(labels, num_classes + 1)[:, :num_classes]

@@ -12,15 +12,15 @@ from torch import nn
 
 from ._inputs import compute_dtype, prepare
 from ._options import ACTIVATIONS, check_ignore_label, check_option, check_scalar
-from ._overlap_sums import ground_truth_sums
-from ._reductions import spatial_sum
+from ._overlap_sums import overlap_sums_ground_truth
+from ._reductions import masked_mean, spatial_sum
 
 PENALTIES = ("l1", "kl", "dice_bias")
 DEFAULT_LAMBDA = {"l1": 1.0, "kl": 0.1, "dice_bias": 0.01}
 _LOG_FLOOR = 1e-8  # keeps log(p̂) finite when a predicted class proportion underflows to 0
 
 
-def marginal_penalty(y_hat: torch.Tensor, p_hat: torch.Tensor, penalty: str = "l1", activation: str = "softmax",
+def marginal_penalty(y_hat: torch.Tensor, p_hat: torch.Tensor, *, penalty: str = "l1", activation: str = "softmax",
                      valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     r"""The penalty :math:`R(\hat y, \hat p)` on ``(B, C)`` class proportions, averaged over images.
 
@@ -38,9 +38,9 @@ def marginal_penalty(y_hat: torch.Tensor, p_hat: torch.Tensor, penalty: str = "l
 
     Example:
         >>> y_hat, p_hat = torch.tensor([[0.75, 0.25]]), torch.tensor([[0.5, 0.5]])
-        >>> float(marginal_penalty(y_hat, p_hat, "l1"))      # (0.25 + 0.25) / 2
+        >>> float(marginal_penalty(y_hat, p_hat, penalty="l1"))            # (0.25 + 0.25) / 2
         0.25
-        >>> round(float(marginal_penalty(y_hat, p_hat, "kl")), 6)   # 0.75 ln 1.5 + 0.25 ln 0.5
+        >>> round(float(marginal_penalty(y_hat, p_hat, penalty="kl")), 6)  # 0.75 ln 1.5 + 0.25 ln 0.5
         0.130812
     """
     if penalty == "l1":
@@ -52,10 +52,7 @@ def marginal_penalty(y_hat: torch.Tensor, p_hat: torch.Tensor, penalty: str = "l
             per_image = per_image + (torch.xlogy(rest_y, rest_y) - rest_y * rest_p.clamp_min(_LOG_FLOOR).log()).sum(1)
     else:
         per_image = (p_hat + y_hat).clamp_min(_LOG_FLOOR).log().mean(1)
-    if valid is None:
-        return per_image.mean()
-    keep = valid.to(per_image.dtype)
-    return (per_image * keep).sum() / keep.sum().clamp_min(1)
+    return per_image.mean() if valid is None else masked_mean(per_image, valid)
 
 
 def _check_label_marginal_options(penalty, lam, tau, activation):
@@ -69,6 +66,7 @@ def label_marginal_loss(
     x: torch.Tensor,
     y: torch.Tensor,
     loss_mask: Optional[torch.Tensor] = None,
+    *,
     penalty: str = "l1",
     lam: Optional[float] = None,
     tau: float = 10.0,
@@ -111,7 +109,7 @@ def _label_marginal(x, y, loss_mask, penalty, lam, tau, activation, ignore_label
     softmax = activation == "softmax"
     keep = torch.is_grad_enabled() and x.requires_grad  # inside the Function grad mode is always off
     ce_sum, sharpened_sums = _CrossEntropyAndMarginals.apply(
-        x, prepared.labels, prepared.given_target, mask, softmax, None if lam == 0 else tau, keep)
+        x, prepared.labels, prepared.target, mask, softmax, None if lam == 0 else tau, keep)
     regions = 1 if softmax else x.shape[1]  # sigmoid: mean over voxels and regions
     if mask is None:
         ce = ce_sum / (x.shape[0] * x[0, 0].numel() * regions)
@@ -127,8 +125,8 @@ def _label_marginal(x, y, loss_mask, penalty, lam, tau, activation, ignore_label
     valid = counted[:, 0] > 0
     counted = counted.clamp_min(1)
     p_hat = sharpened_sums / counted
-    y_hat = ground_truth_sums(prepared, x.shape[1]) / counted
-    return ce + lam * marginal_penalty(y_hat, p_hat, penalty, activation, valid)
+    y_hat = overlap_sums_ground_truth(prepared, x.shape[1]) / counted
+    return ce + lam * marginal_penalty(y_hat, p_hat, penalty=penalty, activation=activation, valid=valid)
 
 
 # The sharpened probabilities are computed slice by slice along the voxels (kept for the backward when
@@ -201,40 +199,13 @@ class _CrossEntropyAndMarginals(torch.autograd.Function):
         batch, channels = x.shape[:2]
         voxels = x[0, 0].numel()
         weights = None if mask is None else mask.reshape(batch, 1, voxels).to(dtype)
-        sums = None if tau is None else x.new_zeros((batch, channels, 1), dtype=dtype)
-        log_probs = None
-        shift = tau is not None and _needs_shift(tau, channels, dtype)
+        sums = None if tau is None else x.new_zeros((batch, channels, 1), dtype=dtype)  # added to in place
         keep = keep and not torch.compiler.is_compiling()
-        kept_sharpened = [] if keep else None  # the slices of q, for the backward (no third exp pass)
+        log_probs = kept_sharpened = None
         if softmax:
-            log_probs = torch.log_softmax(x, 1, dtype=dtype).reshape(batch, channels, voxels)
-            if labels is not None:
-                voxel_ce = log_probs.gather(1, labels.reshape(batch, 1, voxels))  # log s at the label
-            else:
-                voxel_ce = _channel_dot(log_probs, target.reshape(batch, channels, voxels).to(dtype))
-            ce = -(voxel_ce if weights is None else voxel_ce.mul_(weights)).sum()
-            if sums is not None:
-                for part in _chunks(x, voxels):
-                    q = _sharpened(log_probs[..., part], tau, shift)
-                    if kept_sharpened is not None:
-                        kept_sharpened.append(q)
-                    if weights is None:
-                        sums.add_(q.sum(-1, keepdim=True))
-                    else:
-                        sums.baddbmm_(q, weights[..., part].transpose(1, 2))
+            ce, log_probs, kept_sharpened = _softmax_forward(x, labels, target, weights, sums, tau, keep)
         else:
-            logits = x.reshape(batch, channels, voxels)
-            flat_target = target.reshape(batch, channels, voxels)
-            ce_parts = []
-            for part in _chunks(x, voxels):
-                z = logits[..., part].to(dtype)
-                m = None if weights is None else weights[..., part]
-                voxel_ce = F.binary_cross_entropy_with_logits(z, flat_target[..., part].to(dtype), reduction="none")
-                ce_parts.append(voxel_ce.sum() if m is None else torch.einsum("bcn,bon->", voxel_ce, m))
-                if sums is not None:
-                    q = torch.mul(z, tau).sigmoid_()
-                    sums.add_(q.sum(-1, keepdim=True) if m is None else torch.bmm(q, m.transpose(1, 2)))
-            ce = torch.stack(ce_parts).sum() if ce_parts else x.new_zeros((), dtype=dtype)
+            ce = _sigmoid_forward(x, target, weights, sums, tau)
         ctx.save_for_backward(x, labels, target, mask)
         ctx.softmax, ctx.tau = softmax, tau
         # an attribute, not a saved tensor: the backward consumes it in place
@@ -253,61 +224,125 @@ class _CrossEntropyAndMarginals(torch.autograd.Function):
         dtype = compute_dtype(x)
         batch, channels = x.shape[:2]
         voxels = x[0, 0].numel()
-        softmax, tau = ctx.softmax, ctx.tau
+        tau = ctx.tau
         weights = None if mask is None else mask.reshape(batch, 1, voxels).to(dtype)
         flat_target = None if target is None else target.reshape(batch, channels, voxels)
         # g^CE m: () or (B, 1, N); τ g: (B, C, 1)
         scale = None if grad_ce is None else grad_ce.to(dtype) if weights is None else grad_ce.to(dtype) * weights
         tau_g = None if grad_sums is None or tau is None else grad_sums.to(dtype).unsqueeze(-1) * tau
-        if softmax:
+        if ctx.softmax:
             grad, ctx.log_probs = ctx.log_probs, None  # the forward's log-probabilities, used up here
             sharpened, ctx.sharpened = ctx.sharpened, None  # and its slices of q
             if grad is None:  # not kept (no_grad forward, torch.compile) or a second backward
                 grad = torch.log_softmax(x, 1, dtype=dtype).reshape(batch, channels, voxels)
-            if labels is not None:
-                flat_labels = labels.reshape(batch, 1, voxels)
-                at_label = None if scale is None else scale.neg().expand(flat_labels.shape)
+            _softmax_backward(grad, sharpened, x, labels, flat_target, weights, scale, tau_g, tau)
         else:
             grad = torch.empty((batch, channels, voxels), dtype=dtype, device=x.device)
-            logits = x.reshape(batch, channels, voxels)
-        for index, part in enumerate(_chunks(x, voxels)):
-            out = grad[..., part]
-            m = None if weights is None else weights[..., part]
-            step = None if scale is None or scale.ndim == 0 else scale[..., part]
-            if softmax:
-                if tau_g is not None:  # τ m q (g - Σ_k g_k q_k), from the log-probabilities still in `out`
-                    if sharpened is not None:
-                        q, sharpened[index] = sharpened[index], None  # freed slice by slice
-                    else:
-                        q = _sharpened(out, tau, _needs_shift(tau, channels, dtype))
-                    mean = torch.matmul(tau_g.transpose(1, 2), q)  # τ Σ_k g_k q_k, (B, 1, n)
-                    if m is not None:
-                        q.mul_(m)
-                if scale is None:
-                    out.zero_()
-                elif labels is not None:  # g^CE m (s - onehot)
-                    out.exp_().mul_(scale if step is None else step)
-                    out.scatter_add_(1, flat_labels[..., part], at_label[..., part])
-                else:  # g^CE m (s Σ_k t_k - t)
-                    t = flat_target[..., part].to(dtype)
-                    step = scale if step is None else step
-                    out.exp_().mul_(t.sum(1, keepdim=True).mul_(step)).addcmul_(t, step, value=-1)
-                if tau_g is not None:
-                    out.addcmul_(q, tau_g).addcmul_(q, mean, value=-1)
-            else:
-                z = logits[..., part].to(dtype)
-                if scale is None:
-                    out.zero_()
-                else:  # g^CE m (σ(x) - t)
-                    torch.sigmoid(z, out=out)
-                    out.sub_(flat_target[..., part].to(dtype)).mul_(scale if step is None else step)
-                if tau_g is not None:  # τ m g q (1 - q)
-                    q = torch.mul(z, tau).sigmoid_()
-                    q.addcmul_(q, q, value=-1)
-                    if m is not None:
-                        q.mul_(m)
-                    out.addcmul_(q, tau_g)
+            _sigmoid_backward(grad, x, flat_target, weights, scale, tau_g, tau)
         return grad.view(x.shape).to(x.dtype), None, None, None, None, None, None
+
+
+def _softmax_forward(x, labels, target, weights, sums, tau, keep):
+    """Softmax half of :class:`_CrossEntropyAndMarginals`' forward: ``Σ m CE`` and, into ``sums``,
+    ``Σ m q`` slice by slice; returns ``(ce, log-probabilities (B, C, N), the slices of q or None)``."""
+    dtype = compute_dtype(x)
+    batch, channels = x.shape[:2]
+    voxels = x[0, 0].numel()
+    shift = tau is not None and _needs_shift(tau, channels, dtype)
+    kept_sharpened = [] if keep else None  # the slices of q, for the backward (no third exp pass)
+    log_probs = torch.log_softmax(x, 1, dtype=dtype).reshape(batch, channels, voxels)
+    if labels is not None:
+        voxel_ce = log_probs.gather(1, labels.reshape(batch, 1, voxels))  # log s at the label
+    else:
+        voxel_ce = _channel_dot(log_probs, target.reshape(batch, channels, voxels).to(dtype))
+    ce = -(voxel_ce if weights is None else voxel_ce.mul_(weights)).sum()
+    if sums is not None:
+        for part in _chunks(x, voxels):
+            q = _sharpened(log_probs[..., part], tau, shift)
+            if kept_sharpened is not None:
+                kept_sharpened.append(q)
+            if weights is None:
+                sums.add_(q.sum(-1, keepdim=True))
+            else:
+                sums.baddbmm_(q, weights[..., part].transpose(1, 2))
+    return ce, log_probs, kept_sharpened
+
+
+def _sigmoid_forward(x, target, weights, sums, tau):
+    """Sigmoid half of :class:`_CrossEntropyAndMarginals`' forward: ``Σ m BCE`` over voxels and regions
+    and, into ``sums``, ``Σ m σ(τ x)``, slice by slice."""
+    dtype = compute_dtype(x)
+    batch, channels = x.shape[:2]
+    voxels = x[0, 0].numel()
+    logits = x.reshape(batch, channels, voxels)
+    flat_target = target.reshape(batch, channels, voxels)
+    ce_parts = []
+    for part in _chunks(x, voxels):
+        z = logits[..., part].to(dtype)
+        m = None if weights is None else weights[..., part]
+        voxel_ce = F.binary_cross_entropy_with_logits(z, flat_target[..., part].to(dtype), reduction="none")
+        ce_parts.append(voxel_ce.sum() if m is None else torch.einsum("bcn,bon->", voxel_ce, m))
+        if sums is not None:
+            q = torch.mul(z, tau).sigmoid_()
+            sums.add_(q.sum(-1, keepdim=True) if m is None else torch.bmm(q, m.transpose(1, 2)))
+    return torch.stack(ce_parts).sum() if ce_parts else x.new_zeros((), dtype=dtype)
+
+
+def _softmax_backward(grad, sharpened, x, labels, flat_target, weights, scale, tau_g, tau):
+    """Softmax half of the backward, slice by slice, written into ``grad`` (which holds the
+    log-probabilities on entry): ``g^CE m (s Σ_k t_k - t) + τ m q (g - Σ_k g_k q_k)``."""
+    dtype = grad.dtype
+    batch, channels, voxels = grad.shape
+    if labels is not None:
+        flat_labels = labels.reshape(batch, 1, voxels)
+        at_label = None if scale is None else scale.neg().expand(flat_labels.shape)
+    for index, part in enumerate(_chunks(x, voxels)):
+        out = grad[..., part]
+        m = None if weights is None else weights[..., part]
+        step = None if scale is None or scale.ndim == 0 else scale[..., part]
+        if tau_g is not None:  # τ m q (g - Σ_k g_k q_k), from the log-probabilities still in `out`
+            if sharpened is not None:
+                q, sharpened[index] = sharpened[index], None  # freed slice by slice
+            else:
+                q = _sharpened(out, tau, _needs_shift(tau, channels, dtype))
+            mean = torch.matmul(tau_g.transpose(1, 2), q)  # τ Σ_k g_k q_k, (B, 1, n)
+            if m is not None:
+                q.mul_(m)
+        if scale is None:
+            out.zero_()
+        elif labels is not None:  # g^CE m (s - onehot)
+            out.exp_().mul_(scale if step is None else step)
+            out.scatter_add_(1, flat_labels[..., part], at_label[..., part])
+        else:  # g^CE m (s Σ_k t_k - t)
+            t = flat_target[..., part].to(dtype)
+            step = scale if step is None else step
+            out.exp_().mul_(t.sum(1, keepdim=True).mul_(step)).addcmul_(t, step, value=-1)
+        if tau_g is not None:
+            out.addcmul_(q, tau_g).addcmul_(q, mean, value=-1)
+
+
+def _sigmoid_backward(grad, x, flat_target, weights, scale, tau_g, tau):
+    """Sigmoid half of the backward, slice by slice, written into ``grad``:
+    ``g^CE m (σ(x) - t) + τ m g q (1 - q)``."""
+    dtype = grad.dtype
+    batch, channels, voxels = grad.shape
+    logits = x.reshape(batch, channels, voxels)
+    for part in _chunks(x, voxels):
+        out = grad[..., part]
+        m = None if weights is None else weights[..., part]
+        step = None if scale is None or scale.ndim == 0 else scale[..., part]
+        z = logits[..., part].to(dtype)
+        if scale is None:
+            out.zero_()
+        else:  # g^CE m (σ(x) - t)
+            torch.sigmoid(z, out=out)
+            out.sub_(flat_target[..., part].to(dtype)).mul_(scale if step is None else step)
+        if tau_g is not None:  # τ m g q (1 - q)
+            q = torch.mul(z, tau).sigmoid_()
+            q.addcmul_(q, q, value=-1)
+            if m is not None:
+                q.mul_(m)
+            out.addcmul_(q, tau_g)
 
 
 def _channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -322,7 +357,7 @@ class LabelMarginalLoss(nn.Module):
     """Module form of :func:`label_marginal_loss`: ``CE + lam * R`` with ``R`` in ``"l1"``, ``"kl"``,
     ``"dice_bias"``."""
 
-    def __init__(self, penalty: str = "l1", lam: Optional[float] = None, tau: float = 10.0,
+    def __init__(self, *, penalty: str = "l1", lam: Optional[float] = None, tau: float = 10.0,
                  activation: str = "softmax", ignore_label: Optional[int] = None):
         super().__init__()
         self.lam, self.tau = _check_label_marginal_options(penalty, lam, tau, activation)

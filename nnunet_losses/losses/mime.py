@@ -13,7 +13,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .dice import PhiOptionsModule, _check_phi_options
 from ._inputs import prepare
 from ._options import (
     ACTIVATIONS,
@@ -21,13 +20,19 @@ from ._options import (
     check_bool,
     check_ignore_label,
     check_option,
+    check_phi_options,
     class_values,
     per_class,
 )
-from ._overlap_sums import overlap_stats, probability_sums
-from ._reductions import ddp_active, reduce_phi, voxel_count, world_size
+from ._overlap_sums import overlap_sums
+from ._reductions import reduce_phi, voxel_count
+from .dice import PhiOptionsModule, dice_gradient_weights
+from .distributed import all_reduce_sum, ddp_active, world_size
 
 REDUCTIONS = ("mean", "sum")
+# the negative mime is the mime with a = 1, b = 0 (float64 like every checked weight, see class_values)
+_NEGATIVE_MIME_A = torch.tensor(1.0, dtype=torch.float64)
+_NEGATIVE_MIME_B = torch.tensor(0.0, dtype=torch.float64)
 
 
 def _check_mime_options(include_background, activation, reduction):
@@ -40,6 +45,7 @@ def mime_loss(
     x: torch.Tensor,
     y: torch.Tensor,
     loss_mask: Optional[torch.Tensor] = None,
+    *,
     a: ClassValues = 1.9,
     b: ClassValues = 0.1,
     include_background: bool = True,
@@ -84,7 +90,7 @@ def mime_loss(
 
 def _mime(x, y, loss_mask, a, b, include_background, activation, reduction, ignore_label):
     prepared = prepare(x, y, loss_mask, activation, ignore_label)
-    intersection, prediction, _ = probability_sums(x, prepared, activation)  # no ground truth needed
+    intersection, prediction, _, _ = overlap_sums(x, prepared, activation)  # no ground truth needed
     a = per_class("a", a, x.shape[1], intersection)
     b = per_class("b", b, x.shape[1], intersection)
     first = 1 if (activation == "softmax" and not include_background) else 0
@@ -99,9 +105,10 @@ def negative_mime_loss(
     x: torch.Tensor,
     y: torch.Tensor,
     loss_mask: Optional[torch.Tensor] = None,
+    *,
     include_background: bool = True,
-    reduction: str = "mean",
     activation: str = "softmax",
+    reduction: str = "mean",
     ignore_label: Optional[int] = None,
 ) -> torch.Tensor:
     r"""Negative mime (Kervadec & de Bruijne, eq. 10): :math:`L_{NM} = -\frac{1}{N} y^\top s`.
@@ -117,12 +124,12 @@ def negative_mime_loss(
         >>> negative_mime_loss(x, y)                         # -mean of s at the label = -0.5
         tensor(-0.5000)
     """
-    _check_negative_mime_options(include_background, reduction, activation)
-    return _mime(x, y, loss_mask, torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64),
-                 include_background, activation, reduction, ignore_label)
+    _check_negative_mime_options(include_background, activation, reduction)
+    return _mime(x, y, loss_mask, _NEGATIVE_MIME_A, _NEGATIVE_MIME_B, include_background, activation, reduction,
+                 ignore_label)
 
 
-def _check_negative_mime_options(include_background, reduction, activation):
+def _check_negative_mime_options(include_background, activation, reduction):
     _check_mime_options(include_background, activation, reduction)
     if activation != "softmax":
         raise ValueError(
@@ -131,34 +138,15 @@ def _check_negative_mime_options(include_background, reduction, activation):
         )
 
 
-def dice_gradient_weights(intersection, prediction, ground_truth, epsilon, num_subsets):
-    r"""The two values of the Dice loss gradient per subset φ (Tilborghs eq. 4, Kervadec eq. 6).
-
-    With :math:`D = U + ε`, :math:`U = Σ_φ (y + s)`, :math:`I = Σ_φ y s`:
-    :math:`a = \frac{1}{|Φ|}\left(\frac{2}{D} - \frac{2I + ε}{D^2}\right)` (minus the gradient where
-    :math:`y = 1`) and :math:`b = \frac{2I + ε}{|Φ| D^2}` (the gradient where :math:`y = 0`).
-    With ε = 0 and one subset: :math:`a = 2(U-I)/U^2`, :math:`b = 2I/U^2` (eq. 6).
-
-    Example:
-        >>> I, P, G = torch.tensor(2.0), torch.tensor(3.0), torch.tensor(5.0)   # U = 8
-        >>> a, b = dice_gradient_weights(I, P, G, epsilon=0.0, num_subsets=1)
-        >>> float(a), float(b)                                                   # 2·6/64, 2·2/64
-        (0.1875, 0.0625)
-    """
-    denominator = (prediction + ground_truth + epsilon).clamp_min(1e-8)
-    b = (2 * intersection + epsilon) / (num_subsets * denominator**2)
-    a = 2 / (num_subsets * denominator) - b
-    return a, b
-
-
 def dynamic_mime_loss(
     x: torch.Tensor,
     y: torch.Tensor,
     loss_mask: Optional[torch.Tensor] = None,
+    *,
     phi: str = "I",
+    epsilon: ClassValues = 1e-7,
     include_background: bool = False,
     activation: str = "softmax",
-    epsilon: ClassValues = 1e-7,
     ddp: Optional[bool] = None,
     ignore_label: Optional[int] = None,
 ) -> torch.Tensor:
@@ -167,7 +155,7 @@ def dynamic_mime_loss(
     .. math::
         L = \sum_{φ \in Φ} \left( b_φ \sum_{ω \in φ} m\, s_ω - (a_φ + b_φ) \sum_{ω \in φ} m\, y_ω s_ω \right)
 
-    with :math:`a_φ, b_φ` from :func:`dice_gradient_weights` taken without gradient. Its gradient
+    with :math:`a_φ, b_φ` from :func:`~nnunet_losses.dice_gradient_weights` taken without gradient. Its gradient
     with respect to :math:`s` (hence to the logits) is *exactly* that of
     ``phi_dice_loss(x, y, phi=phi, epsilon=epsilon, include_background=include_background)``: a
     living proof of the paper's analysis that the Dice loss supervises as a weighted negative of the
@@ -186,27 +174,25 @@ def dynamic_mime_loss(
         >>> dynamic_mime_loss(x, y, epsilon=0.0)
         tensor(-0.2500)
     """
-    eps = class_values("epsilon", epsilon)
-    _check_phi_options(phi, include_background, activation, eps, ddp)
+    eps = check_phi_options(phi, epsilon, include_background, activation, ddp)
     return _dynamic_mime(x, y, loss_mask, phi, eps, include_background, activation, ddp, ignore_label)
 
 
 def _dynamic_mime(x, y, loss_mask, phi, eps, include_background, activation, ddp, ignore_label):
     # options already checked (by dynamic_mime_loss or the module's __init__): no host copy per call
     prepared = prepare(x, y, loss_mask, activation, ignore_label)
-    intersection, prediction, ground_truth = overlap_stats(x, prepared, activation)
+    intersection, prediction, ground_truth, _ = overlap_sums(x, prepared, activation, ground_truth=True)
     first = 1 if (activation == "softmax" and not include_background) else 0
     intersection, prediction, ground_truth = intersection[:, first:], prediction[:, first:], ground_truth[:, first:]
     eps = per_class("epsilon", eps, x.shape[1], intersection)[first:]
     gather = phi in ("BI", "BCI") and ddp_active(ddp)
     with torch.no_grad():
-        stats = reduce_phi((intersection.detach(), prediction.detach(), ground_truth), phi,
-                           gather=False)
+        stats = reduce_phi((intersection.detach(), prediction.detach(), ground_truth), phi, gather=False)
         if gather:
-            stats = tuple(_all_reduce_sum(s) for s in stats)
+            stats = tuple(all_reduce_sum(s) for s in stats)
         eps_phi = eps if phi in ("I", "BI") else eps[0]
         num_subsets = {"I": intersection.numel(), "CI": x.shape[0], "BI": intersection.shape[1], "BCI": 1}[phi]
-        a, b = dice_gradient_weights(*stats, eps_phi, num_subsets)
+        a, b = dice_gradient_weights(*stats, epsilon=eps_phi, num_subsets=num_subsets)
         a, b = _to_batch_class(a, phi, intersection.shape), _to_batch_class(b, phi, intersection.shape)
         if gather:
             a, b = a * world_size(), b * world_size()
@@ -220,16 +206,10 @@ def _to_batch_class(values: torch.Tensor, phi: str, shape) -> torch.Tensor:
     return values.expand(shape)
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    t = t.clone()
-    torch.distributed.all_reduce(t)
-    return t
-
-
 class MimeLoss(nn.Module):
     """Module form of :func:`mime_loss`; ``a`` and ``b`` (scalars or per class) are buffers."""
 
-    def __init__(self, a: ClassValues = 1.9, b: ClassValues = 0.1, include_background: bool = True,
+    def __init__(self, *, a: ClassValues = 1.9, b: ClassValues = 0.1, include_background: bool = True,
                  activation: str = "softmax", reduction: str = "mean", ignore_label: Optional[int] = None):
         super().__init__()
         _check_mime_options(include_background, activation, reduction)
@@ -252,30 +232,25 @@ class MimeLoss(nn.Module):
 class NegativeMimeLoss(nn.Module):
     """Module form of :func:`negative_mime_loss` (softmax only)."""
 
-    def __init__(self, include_background: bool = True, reduction: str = "mean", activation: str = "softmax",
+    def __init__(self, *, include_background: bool = True, activation: str = "softmax", reduction: str = "mean",
                  ignore_label: Optional[int] = None):
         super().__init__()
-        _check_negative_mime_options(include_background, reduction, activation)
+        _check_negative_mime_options(include_background, activation, reduction)
         self.include_background = include_background
-        self.reduction = reduction
         self.activation = activation
+        self.reduction = reduction
         self.ignore_label = check_ignore_label(ignore_label)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return negative_mime_loss(x, y, loss_mask, self.include_background, self.reduction, self.activation,
-                                  self.ignore_label)
+        return _mime(x, y, loss_mask, _NEGATIVE_MIME_A, _NEGATIVE_MIME_B, self.include_background, self.activation,
+                     self.reduction, self.ignore_label)
 
     def extra_repr(self) -> str:
         return f"include_background={self.include_background}, reduction={self.reduction!r}"
 
 
 class DynamicMimeLoss(PhiOptionsModule):
-    """Module form of :func:`dynamic_mime_loss`."""
-
-    def __init__(self, phi: str = "I", include_background: bool = False, activation: str = "softmax",
-                 epsilon: ClassValues = 1e-7, ddp: Optional[bool] = None, ignore_label: Optional[int] = None):
-        super().__init__(phi=phi, epsilon=epsilon, include_background=include_background, activation=activation,
-                         ddp=ddp, ignore_label=ignore_label)
+    """Module form of :func:`dynamic_mime_loss` (the options of :class:`~nnunet_losses.PhiDiceLoss`)."""
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return _dynamic_mime(x, y, loss_mask, self.phi, self.epsilon, self.include_background, self.activation,

@@ -26,7 +26,7 @@ from ._options import (
     class_values,
     per_class,
 )
-from ._overlap_sums import ground_truth_sums, overlap_stats
+from ._overlap_sums import overlap_sums, overlap_sums_ground_truth
 from ._reductions import masked_mean, soft_dice
 
 
@@ -77,6 +77,7 @@ def marginal_dice_loss(
     y: torch.Tensor,
     loss_mask: Optional[torch.Tensor] = None,
     annotated: Optional[torch.Tensor] = None,
+    *,
     epsilon: ClassValues = 1e-7,
     include_background: bool = True,
     activation: str = "softmax",
@@ -109,18 +110,17 @@ def marginal_dice_loss(
 
 
 def _marginal(x, y, loss_mask, annotated, eps, include_background, activation, ignore_label):
-    _refuse_sigmoid(activation)
+    # options already checked (by marginal_dice_loss or the module's __init__)
     prepared = prepare(x, y, loss_mask, activation, ignore_label)
     annotated = check_annotated(annotated, x.shape[0], x.shape[1], x.device)
     # the table first (it needs only the labels): a batch that misses nothing costs a plain Φ = I Dice
-    ground_truth = ground_truth_sums(prepared, x.shape[1])
+    ground_truth = overlap_sums_ground_truth(prepared, x.shape[1])
     annotated = _resolve_annotated(annotated, ground_truth, softmax=True)
     missing = ~annotated  # column 0 is False
     if not torch.compiler.is_compiling() and not bool(missing.any()):  # (compiled: no host read, always merge)
-        intersection, prediction, ground_truth = overlap_stats(x, prepared, activation, ground_truth=ground_truth)
+        intersection, prediction, _, _ = overlap_sums(x, prepared, activation)
     else:
-        intersection, prediction, ground_truth, background_row = overlap_stats(
-            x, prepared, activation, background_row=True, ground_truth=ground_truth)
+        intersection, prediction, _, background_row = overlap_sums(x, prepared, activation, background_row=True)
         # merged background s'_0 = Σ_{c in Z} s_c, Z = {0} ∪ missing; a missing class has no voxels (refused
         # otherwise), so y'_0 = y_0 and I'_0 = Σ_{c in Z} Σ_i m y_0 s_c, P'_0 = Σ_{c in Z} P_c, G'_0 = G_0
         merged = missing.to(prepared.dtype)
@@ -140,6 +140,7 @@ def leaf_dice_loss(
     y: torch.Tensor,
     loss_mask: Optional[torch.Tensor] = None,
     annotated: Optional[torch.Tensor] = None,
+    *,
     epsilon: ClassValues = 1e-7,
     include_background: bool = False,
     activation: str = "softmax",
@@ -169,7 +170,7 @@ def leaf_dice_loss(
 def _leaf(x, y, loss_mask, annotated, eps, include_background, activation, ignore_label):
     prepared = prepare(x, y, loss_mask, activation, ignore_label)
     annotated = check_annotated(annotated, x.shape[0], x.shape[1], x.device)
-    intersection, prediction, ground_truth = overlap_stats(x, prepared, activation)
+    intersection, prediction, ground_truth, _ = overlap_sums(x, prepared, activation, ground_truth=True)
     softmax = activation == "softmax"
     keep = _resolve_annotated(annotated, ground_truth, softmax)
     if softmax:
@@ -182,7 +183,7 @@ class MarginalDiceLoss(nn.Module):
     """Module form of :func:`marginal_dice_loss` (softmax only);
     ``forward(x, y, loss_mask=None, annotated=None)``."""
 
-    def __init__(self, epsilon: ClassValues = 1e-7, include_background: bool = True, activation: str = "softmax",
+    def __init__(self, *, epsilon: ClassValues = 1e-7, include_background: bool = True, activation: str = "softmax",
                  ignore_label: Optional[int] = None):
         super().__init__()
         self.register_buffer("epsilon", _check_missing_label_options(epsilon, include_background, activation))
@@ -203,7 +204,7 @@ class MarginalDiceLoss(nn.Module):
 class LeafDiceLoss(nn.Module):
     """Module form of :func:`leaf_dice_loss`; ``forward(x, y, loss_mask=None, annotated=None)``."""
 
-    def __init__(self, epsilon: ClassValues = 1e-7, include_background: bool = False, activation: str = "softmax",
+    def __init__(self, *, epsilon: ClassValues = 1e-7, include_background: bool = False, activation: str = "softmax",
                  ignore_label: Optional[int] = None):
         super().__init__()
         self.register_buffer("epsilon", _check_missing_label_options(epsilon, include_background, activation))

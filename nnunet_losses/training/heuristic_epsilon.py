@@ -7,10 +7,10 @@ import json
 from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from ..losses import estimate_epsilon
+from ..losses.distributed import all_reduce_sum, ddp_active
 
 EPSILON_CHECKPOINT_KEY = "heuristic_epsilon"
 
@@ -40,14 +40,12 @@ def estimate_heuristic_epsilon(batches: Iterator[dict], num_batches: int, num_cl
             targets = [t[:, :-1] for t in targets]
         batch_size = targets[0].shape[0]
         # estimate_epsilon gives the batch mean; weight it by the batch size (DDP ranks may differ)
-        sums = [estimate_epsilon([t], num_classes, ignore_label) * batch_size for t in targets]
+        sums = [estimate_epsilon([t], num_classes, ignore_label=ignore_label) * batch_size for t in targets]
         totals = sums if totals is None else [a + b for a, b in zip(totals, sums)]
         samples += batch_size
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if ddp_active():
         packed = torch.cat([torch.stack(totals).flatten(), torch.tensor([float(samples)], dtype=torch.float64)])
-        packed = packed.to(device)
-        dist.all_reduce(packed)
-        packed = packed.cpu()
+        packed = all_reduce_sum(packed.to(device)).cpu()
         samples = float(packed[-1])
         totals = list(packed[:-1].view(len(totals), num_classes).unbind(0))
     return [total / samples for total in totals]

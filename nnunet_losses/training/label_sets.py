@@ -1,6 +1,6 @@
 """Label sets of partially labelled nnU-Net datasets: which labels were annotated in which case.
 
-A partially labelled dataset records its label sets in ``dataset.json`` (LOSSES.md §3)::
+A partially labelled dataset records its label sets in ``dataset.json`` (docs/losses.md §4)::
 
     "annotated_labels": {"patient001_frame12": ["RV", "LV"], "BraTS_LGG_017": []}
 
@@ -164,7 +164,6 @@ class AnnotatedTable:
             raise ValueError(
                 f"num_channels: expected {expected} (the dataset's {kind}), got {num_channels!r}"
             )
-        self.has_regions = manager.has_regions
         if manager.has_regions:
             # a region's labels as a set; nnU-Net lists a one-label region as a plain int
             columns = [frozenset(r if isinstance(r, (tuple, list)) else [r]) for r in manager.foreground_regions]
@@ -179,10 +178,6 @@ class AnnotatedTable:
         self._rows = rows
         self.fully_annotated = bool(rows.all())
         self.label_sets = label_sets  # case -> annotated label values, as validate_annotated_labels gives
-
-    @property
-    def num_channels(self) -> int:
-        return self._rows.shape[1]
 
     def __call__(self, keys: Sequence[str], device: Optional[Union[torch.device, str]] = None) -> torch.Tensor:
         """The ``(len(keys), C)`` bool table of a batch, given its case identifiers (``batch['keys']``)."""
