@@ -35,11 +35,12 @@ from typing import Optional, Sequence
 from tqdm import tqdm
 
 from nnunet_losses.trainers import TRAINER_NAMES
+from nnunet_losses.training.names import short_run_name
 
 from _common import describe_machine, machine_info, markdown_table, median, write_json
 
 BASELINE = "nnUNetTrainer"
-# the trainers of LOSSES.md §5 (their names are the CLI keys), as the package ships them
+# the trainers of docs/losses.md §6 (their names are the CLI keys), as the package ships them
 TRAINERS = TRAINER_NAMES
 TARGET = 0.97  # every trainer: >= 0.97x the iterations per second of nnUNetTrainer
 DATASET_ID = 987
@@ -99,11 +100,6 @@ def prepare_dataset(work: Path, size: int, cases: int, planning_processes: int) 
     run_logged([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", CONFIGURATION,
                 "-np", str(planning_processes), "--verify_dataset_integrity"], env, work / "logs" / "planning.log")
     marker.write_text("done\n")
-
-
-def short_run_name(trainer: str, epochs: int, iterations: int) -> str:
-    """The short-run trainer of nnunet-losses: E epochs of I iterations of ``trainer``."""
-    return f"{trainer}_{epochs}ep_{iterations}it"
 
 
 def missing_trainers(names: Sequence[str]) -> list[str]:

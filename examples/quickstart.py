@@ -134,10 +134,6 @@ def plan(runner: Runner, dataset) -> None:
                                        "-np", processes, "-npfp", processes])
 
 
-def short_run_name(trainer: str, args: argparse.Namespace) -> str:
-    return f"{trainer}_{args.epochs}ep_{args.iterations}it"
-
-
 def train(runner: Runner, dataset, trainer: str, args: argparse.Namespace) -> None:
     fold = runner.results / dataset.name / f"{trainer}__nnUNetPlans__2d" / "fold_0"
     if (fold / "checkpoint_final.pth").is_file() and (fold / "validation" / "summary.json").is_file():
@@ -204,9 +200,11 @@ def dice_table(metrics: Dict[str, dict], dataset) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
+    from nnunet_losses.training.names import short_run_name
+
     args = parse_args(argv)
     runner = Runner(args.work_dir.resolve())
-    trainers = [short_run_name(trainer, args) for trainer in args.trainers]
+    trainers = [short_run_name(trainer, args.epochs, args.iterations) for trainer in args.trainers]
     print(f"Working in {runner.work_dir} ({args.device}): {len(trainers)} trainings of {args.epochs} epochs x "
           f"{args.iterations} iterations; logs in {runner.logs}")
     steps = ["dataset", "plan"] + [f"{kind} {t}" for t in trainers for kind in ("train", "predict", "evaluate")]

@@ -18,7 +18,7 @@ ALLOWED = {
     "losses": set(),
     "nnunet_io": set(),
     "training": {"losses", "nnunet_io"},
-    "commands": {"losses", "nnunet_io", "training"},
+    "commands": {"losses", "nnunet_io", "training", "trainers"},  # the top floor
     "trainers": {"losses", "training"},
     "package": {"losses"},  # nnunet_losses/__init__.py: the public loss API only
 }
@@ -113,6 +113,8 @@ def test_imports_run_down_the_rooms(path):
     ("nnunet_losses/nnunet_io.py", "from .training import label_sets\n", "room 'nnunet_io' may import"),
     ("trainers/nnunet_losses_mime_trainers.py", "from nnunet_losses.commands import cli\n",
      "room 'trainers' may import"),
+    ("nnunet_losses/training/names.py", "from nnunet_losses.trainers import TRAINER_NAMES\n",
+     "room 'training' may import"),
     ("nnunet_losses/commands/report.py", "from ..losses._inputs import prepare\n", "private module"),
     ("nnunet_losses/__init__.py", "from .training import discovery\n", "room 'package' may import"),
 ])

@@ -22,7 +22,7 @@ from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
 from nnunet_losses.training import discovery
 from nnunet_losses.commands.cli import main
-from nnunet_losses.training.short_runs import SHORT_RUN_PATTERN, make_short_run_trainer, short_run_trainer
+from nnunet_losses.training.names import TrainerNameError, match_token, resolve_name
 from nnunet_losses.trainers import TRAINER_NAMES, nnUNetTrainerMime
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -119,8 +119,14 @@ def test_no_trainer_name_collides_with_a_builtin_trainer():
     builtin = builtin_trainer_class_names()
     assert "nnUNetTrainer" in builtin and "nnUNetTrainer_5epochs" in builtin  # the parse found them
     assert not set(TRAINER_NAMES) & builtin
-    # no built-in looks like a short-run name, so none can shadow one
-    assert not [name for name in builtin if SHORT_RUN_PATTERN.match(name)]
+    # a built-in whose name ends in a token of our grammar (nnUNetTrainer_onlyMirror01_1500ep) is never also
+    # another built-in with tokens: the name means one experiment (nnU-Net's lookup finds the built-in first)
+    ending_in_tokens = [name for name in builtin if "_" in name and match_token(name.rsplit("_", 1)[1])]
+    assert "nnUNetTrainer_onlyMirror01_1500ep" in ending_in_tokens
+    for name in ending_in_tokens:
+        others = builtin - {name}
+        with pytest.raises((AttributeError, TrainerNameError)):
+            resolve_name(name, find=lambda candidate: nnUNetTrainer if candidate in others else None)
     # nnU-Net's own search of its folder (the one that would silently win) finds none of ours
     for name in TRAINER_NAMES + SHORT_RUN_NAMES:
         assert recursive_find_python_class(str(NNUNET_TRAINER_FOLDER), name, "nnunetv2.training.nnUNetTrainer") is None
@@ -152,31 +158,7 @@ def test_short_run_names_keep_nnunet_output_folders_parseable():
     assert convert_identifier_to_trainer_plans_config(identifier) == ["nnUNetTrainerMime_3ep_10it", "nnUNetPlans", "2d"]
 
 
-@pytest.mark.parametrize("name", ["nnUNetTrainerMime", "nnUNetTrainerMime_0ep_10it", "nnUNetTrainerMime_3ep_0it",
-                                  "nnUNetTrainerMime_3ep", "nnUNetTrainerMime__3ep_10it_", "__path__"])
-def test_not_a_short_run_name_is_an_attribute_error(name):
-    # hasattr() -- nnU-Net's probe -- must answer False, not raise
-    with pytest.raises(AttributeError, match="is not a short-run trainer name"):
-        short_run_trainer(name)
-
-
-def test_short_run_of_an_unknown_trainer_is_an_attribute_error(clean_ext_trainer):
-    discovery.enable_trainers()
-    with pytest.raises(AttributeError, match="'nnUNetTrainerNope_3ep_10it': no trainer named 'nnUNetTrainerNope'"):
-        short_run_trainer("nnUNetTrainerNope_3ep_10it")
-
-
-def test_short_run_class_is_a_subclass_with_nnunet_init_signature():
-    import inspect
-
-    variant = make_short_run_trainer(nnUNetTrainerMime, 3, 10)
-    assert variant.__name__ == "nnUNetTrainerMime_3ep_10it" and variant.__mro__[1] is nnUNetTrainerMime
-    assert list(inspect.signature(variant.__init__).parameters) == \
-        list(inspect.signature(nnUNetTrainer.__init__).parameters)
-    with pytest.raises(ValueError, match="epochs: expected an int >= 1, got 0"):
-        make_short_run_trainer(nnUNetTrainerMime, 0, 10)
-    with pytest.raises(TypeError, match="base: expected a subclass of nnUNetTrainer, got <class 'int'>"):
-        make_short_run_trainer(int, 1, 1)
+# the grammar itself, its refusals and the classes it builds: tests/test_names.py
 
 
 # ----------------------------------------------------------------------------------------------

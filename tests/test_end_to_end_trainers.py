@@ -102,7 +102,8 @@ def assert_predictions(output: Path, dataset, allowed_values) -> None:
 
 
 def test_softmax_trainer_trains_predicts_and_exports(nnunet, tmp_path):
-    trainer = "nnUNetTrainerMime_1ep_2it"
+    # an experiment by name: a loss hyperparameter, an optimizer and a short budget in one -tr name
+    trainer = "nnUNetTrainerMime_a1.5_b0.2_adam_1ep_2it"
     nnunet.run("nnUNetv2_train", str(LABELS_ID), "2d", "0", "-tr", trainer, "-device", "cpu")
     folder = nnunet.fold_folder(nnunet.labels.name, trainer)
     checkpoint = checkpoint_of(folder)
@@ -110,6 +111,14 @@ def test_softmax_trainer_trains_predicts_and_exports(nnunet, tmp_path):
     assert (folder / "validation" / "summary.json").is_file()
     log = next(folder.glob("training_log_*.txt")).read_text()
     assert "train_loss" in log and "Epoch 1" not in log  # one epoch
+    # the settings the name stands for, in the checkpoint, debug.json and the log; the loss and optimizer used them
+    settings = {"a": 1.5, "b": 0.2, "include_background": True, "reduction": "mean", "optimizer": "adam",
+                "lr": 0.001, "epochs": 1, "iterations": 2}
+    assert checkpoint["name_settings"] == {"trainer": trainer, "base": "nnUNetTrainerMime", "settings": settings}
+    debug = json.loads((folder / "debug.json").read_text())
+    assert "'lr': 0.001" in debug["name_settings"] and "MimeLoss(a=1.5, b=0.2," in debug["loss"]
+    assert debug["initial_lr"] == "0.001" and "Adam" in debug["optimizer"] and "amsgrad: False" in debug["optimizer"]
+    assert f"Settings of the trainer name {trainer}: {settings}" in log
 
     output = tmp_path / "predicted"
     nnunet.run("nnUNetv2_predict", "-i", str(nnunet.labels.images_test), "-o", str(output), "-d", str(LABELS_ID),
@@ -150,7 +159,7 @@ def test_region_dataset_with_ignore_label_trains_with_sigmoid_dice_and_predicts(
 
 
 def test_heuristic_epsilon_is_estimated_stored_and_reused_on_continue(nnunet):
-    trainer = "nnUNetTrainerDiceIEps_1ep_2it"
+    trainer = "nnUNetTrainerDiceIEps_adamw_1ep_2it"  # --c finds the named class (and its optimizer) again
     nnunet.run("nnUNetv2_train", str(LABELS_ID), "2d", "0", "-tr", trainer, "-device", "cpu")
     folder = nnunet.fold_folder(nnunet.labels.name, trainer)
     (first_log,) = folder.glob("training_log_*.txt")

@@ -131,7 +131,7 @@ def test_experiment_arguments_are_checked(argv, message, capsys):
     assert message.replace("\\", "") in capsys.readouterr().err.replace("\\", "")
 
 
-@pytest.mark.parametrize("optimizer, suffix", [("adam", "Adam"), ("sgd", "")])
+@pytest.mark.parametrize("optimizer, suffix", [("adam", "_adam"), ("sgd", "")])
 def test_experiment_runs_per_task_put_the_full_reference_first(raw, optimizer, suffix):
     args = experiment.parse_args(["--device", "cpu", "--epochs", "2", "--iterations", "5", "--optimizer", optimizer])
     task = experiment.Task("classes", source="S", partial="P", groups=None, reported_classes=())
@@ -141,44 +141,40 @@ def test_experiment_runs_per_task_put_the_full_reference_first(raw, optimizer, s
         ("LeafDice", "P", f"nnUNetTrainerLeafDice{suffix}_2ep_5it")]
 
 
-def test_experiment_defaults_to_the_papers_optimizer_and_refuses_foreign_trainers_with_it(capsys):
+def test_experiment_defaults_to_the_papers_optimizer_for_every_trainer():
     args = experiment.parse_args(["--device", "cpu"])
     assert args.optimizer == "adam"
     # the epochs each task was verified with (README), unless --epochs says otherwise
-    for task_name, name in (("groups", "nnUNetTrainerDiceIEpsAdam_8ep_60it"),
-                            ("classes", "nnUNetTrainerLeafDiceAdam_16ep_60it")):
+    for task_name, name in (("groups", "nnUNetTrainerDiceIEps_adam_8ep_60it"),
+                            ("classes", "nnUNetTrainerLeafDice_adam_16ep_60it")):
         task = experiment.Task(task_name, source="S", partial="P", groups=None, reported_classes=())
         assert name in [run[2] for run in experiment.runs_of(task, args)]
-    with pytest.raises(SystemExit):
-        experiment.parse_args(["--device", "cpu", "--trainers", "nnUNetTrainer"])
-    assert "--trainers: expected trainers of nnunet-losses with --optimizer adam (or use --optimizer sgd), got " \
-           "nnUNetTrainer" in capsys.readouterr().err
-    assert experiment.parse_args(["--device", "cpu", "--trainers", "nnUNetTrainer", "--optimizer", "sgd"]).trainers \
-        == ["nnUNetTrainer"]
+    # a name with tokens works for nnU-Net's own trainers too: no trainer is refused with adam any more
+    args = experiment.parse_args(["--device", "cpu", "--trainers", "nnUNetTrainer", "--iterations", "5"])
+    task = experiment.Task("groups", source="S", partial="P", groups=None, reported_classes=())
+    assert experiment.runs_of(task, args)[-1][2] == "nnUNetTrainer_adam_8ep_5it"
 
 
-def test_adam_trainers_are_found_by_nnunet_and_combine_our_loss_with_nnunets_adam(monkeypatch):
-    """nnU-Net's own lookup (what nnUNetv2_train -tr does) finds <trainer>Adam and its short runs in the
-    folder the examples add to nnUNet_extTrainer; each keeps our loss and takes nnU-Net's optimizer."""
-    from nnunetv2.training.nnUNetTrainer.variants.optimizer.nnUNetTrainerAdam import (
-        nnUNetTrainerVanillaAdam, nnUNetTrainerVanillaAdam1en3)
+def test_adam_names_are_found_by_nnunet_and_combine_our_loss_with_nnunets_adam(monkeypatch):
+    """nnU-Net's own lookup (what nnUNetv2_train -tr does) finds <trainer>_adam and its short runs in our
+    trainer folder; each keeps our loss and takes nnU-Net's Adam at lr 1e-3 (nnUNetTrainerVanillaAdam1en3's)."""
+    from nnunetv2.training.nnUNetTrainer.variants.optimizer.nnUNetTrainerAdam import nnUNetTrainerVanillaAdam
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     import nnunet_losses.trainers
-    from nnunet_losses.training.discovery import ENV_VAR
+    from nnunet_losses.training.discovery import ENV_VAR, with_trainer_folder
 
-    monkeypatch.setenv(ENV_VAR, optimizer_choice.trainer_folders(None, "adam"))
-    assert optimizer_choice.trainer_folders(None, "sgd").split(os.pathsep) == [
-        p for p in os.environ[ENV_VAR].split(os.pathsep) if p != str(optimizer_choice.ADAM_TRAINER_FOLDER)]
+    monkeypatch.setenv(ENV_VAR, with_trainer_folder(None))
     for name in nnunet_losses.trainers.TRAINER_NAMES:
-        found = recursive_find_trainer_class_by_name(name + "Adam")
+        found = recursive_find_trainer_class_by_name(experiment_trainer := optimizer_choice.trainer_name(name, "adam"))
         ours = getattr(nnunet_losses.trainers, name)
-        assert found.__name__ == name + "Adam"
-        assert found.__mro__[1] is ours and nnUNetTrainerVanillaAdam1en3 in found.__mro__
-        assert found._build_loss is ours._build_loss
+        assert found.__name__ == experiment_trainer == name + "_adam"
+        assert found.__mro__[1] is ours and found._build_loss is ours._build_loss
         assert found.configure_optimizers is nnUNetTrainerVanillaAdam.configure_optimizers
-    short = recursive_find_trainer_class_by_name("nnUNetTrainerDiceIEpsAdam_3ep_7it")
-    assert short.__mro__[1].__name__ == "nnUNetTrainerDiceIEpsAdam"
+        assert found.name_settings["settings"]["lr"] == 1e-3
+    short = recursive_find_trainer_class_by_name("nnUNetTrainerDiceIEps_adam_3ep_7it")
+    assert short.__mro__[1].__name__ == "nnUNetTrainerDiceIEps"
+    assert short.name_settings["settings"]["epochs"] == 3 and short.name_settings["settings"]["optimizer"] == "adam"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,9 +221,9 @@ def test_acdc_dry_run_prints_every_command_and_writes_nothing(raw, tmp_path, cap
            f"--cases-file {work / 'acdc_es_frames.txt'}" in out
     assert "write the 2 end-systolic frames" in out
     trained = [s.command[5] for s in steps if s.command and s.command[0] == "nnUNetv2_train"]
-    assert trained == ["nnUNetTrainerDiceIAdam", "nnUNetTrainerDiceBIAdam", "nnUNetTrainerDiceIEpsAdam",
-                       "nnUNetTrainerMarginalDiceAdam", "nnUNetTrainerLeafDiceAdam", "nnUNetTrainerDiceIAdam"]
-    assert "export nnUNet_extTrainer=" in out and str(optimizer_choice.ADAM_TRAINER_FOLDER) in out
+    assert trained == ["nnUNetTrainerDiceI_adam", "nnUNetTrainerDiceBI_adam", "nnUNetTrainerDiceIEps_adam",
+                       "nnUNetTrainerMarginalDice_adam", "nnUNetTrainerLeafDice_adam", "nnUNetTrainerDiceI_adam"]
+    assert "export nnUNet_extTrainer=" in out
     evaluated = [s.command for s in steps if s.command and s.command[:2] == ["nnunet-losses", "evaluate"]]
     assert len(evaluated) == 6 and all("--positive" in c and c[-1] == "ED" for c in evaluated)
     assert all(str(raw / "Dataset027_ACDC" / "labelsTr") in c for c in evaluated)  # the FULL labels
@@ -267,11 +263,11 @@ def test_brats_checks_the_lgg_list_against_the_task_and_prints_its_commands(tmp_
     assert f"nnUNetv2_convert_MSD_dataset -i {task} -overwrite_id 501" in out
     assert f"--empty --cases-file {tmp_path / 'work' / 'brats_lgg_cases.txt'}" in out
     assert "--positive HGG" in out
-    assert "-tr nnUNetTrainerDiceIEpsAdam -device cuda" in out
+    assert "-tr nnUNetTrainerDiceIEps_adam -device cuda" in out
     recipes.main(["brats", "--msd-folder", str(task), "--lgg-cases", str(lgg), "--dry-run", "--folds", "0",
                   "--optimizer", "sgd"])
     out = capsys.readouterr().out
-    assert "-tr nnUNetTrainerDiceIEps -device cuda" in out and str(optimizer_choice.ADAM_TRAINER_FOLDER) not in out
+    assert "-tr nnUNetTrainerDiceIEps -device cuda" in out and "_adam" not in out
 
 
 def test_whole_tumour_makes_the_msd_labels_one_sigmoid_region(tmp_path):

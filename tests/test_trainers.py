@@ -41,7 +41,7 @@ from nnunet_losses.training.loss_assembly import (
     TrainerLossCall,
     deep_supervision_weights,
 )
-from nnunet_losses.training.short_runs import make_short_run_trainer
+from nnunet_losses.training.names import trainer_with_settings
 from nnunet_losses.trainers import (
     TRAINER_NAMES,
     nnUNetTrainerCEKL,
@@ -310,8 +310,8 @@ def test_compiled_loss_gives_the_eager_value(planned, monkeypatch):
 
 def test_short_run_variant_trains_few_epochs_of_few_iterations_in_its_own_folder(planned):
     full = build_trainer(nnUNetTrainerDiceIEps, planned)
-    short = build_trainer(make_short_run_trainer(nnUNetTrainerDiceIEps, 3, 10), planned)
-    tiny = build_trainer(make_short_run_trainer(nnUNetTrainer, 1, 4), planned)
+    short = build_trainer(trainer_with_settings(nnUNetTrainerDiceIEps, epochs=3, iterations=10), planned)
+    tiny = build_trainer(trainer_with_settings(nnUNetTrainer, epochs=1, iterations=4), planned)
     assert (full.num_epochs, full.num_iterations_per_epoch, full.num_val_iterations_per_epoch) == (1000, 250, 50)
     # validation shrinks with nnU-Net's 250 : 50 ratio, at least one batch
     assert (short.num_epochs, short.num_iterations_per_epoch, short.num_val_iterations_per_epoch) == (3, 10, 2)

@@ -25,9 +25,9 @@ nnunet-losses developers (their argument handling and preparation steps are test
     each, compared with ``nnunet-losses report``.
 
 The nnU-Net environment variables (nnUNet_raw, nnUNet_preprocessed, nnUNet_results) must be set;
-``nnUNet_extTrainer`` is set for the commands (printed first): our trainers and, with ``--optimizer adam``
-(the default of ``acdc`` and ``brats``: the paper's optimizer, see ``optimizer_choice.py``), the
-``<trainer>Adam`` trainers of ``paper_optimizer/``.
+``nnUNet_extTrainer`` is set for the commands (printed first) so that nnU-Net finds our trainers; with
+``--optimizer adam`` (the default of ``acdc`` and ``brats``: the paper's optimizer, see
+``optimizer_choice.py``) each trains as ``<trainer>_adam``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from optimizer_choice import add_optimizer_argument, trainer_folders, trainer_name  # noqa: E402
+from optimizer_choice import add_optimizer_argument, trainer_name  # noqa: E402
 
 PHI_EPSILON_TRAINERS = ("nnUNetTrainerDiceI", "nnUNetTrainerDiceBI", "nnUNetTrainerDiceIEps")
 MISSING_LABEL_TRAINERS = ("nnUNetTrainerMarginalDice", "nnUNetTrainerLeafDice")
@@ -292,10 +292,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Step]:
         steps = RECIPES[args.recipe](args)
     except ValueError as error:
         sys.exit(f"recipes.py {args.recipe}: error: {error}")
-    from nnunet_losses.training.discovery import ENV_VAR
+    from nnunet_losses.training.discovery import ENV_VAR, with_trainer_folder
 
     environment = dict(os.environ)
-    environment[ENV_VAR] = trainer_folders(os.environ.get(ENV_VAR), getattr(args, "optimizer", "sgd"))
+    environment[ENV_VAR] = with_trainer_folder(os.environ.get(ENV_VAR))
     print(f"export {ENV_VAR}={shlex.quote(environment[ENV_VAR])}  # set for every command below", flush=True)
     for number, step in enumerate(steps, 1):
         print(f"[{number}/{len(steps)}] {step.show()}", flush=True)

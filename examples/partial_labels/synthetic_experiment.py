@@ -20,7 +20,7 @@ and evaluated on held-out cases with their FULL labels (nnU-Net's own metrics, Î
 Every trainer runs as nnU-Net's short run ``<trainer>_<E>ep_<I>it`` with nnU-Net's own commands
 (nnUNetv2_plan_and_preprocess, nnUNetv2_train, nnUNetv2_predict); the fully supervised reference is
 ``nnUNetTrainerDiceI`` on the source dataset. By default with Adam, the paper's optimizer
-(``<trainer>Adam``: our loss with nnU-Net's ``nnUNetTrainerVanillaAdam1en3``, see ``optimizer_choice.py``);
+(``<trainer>_adam``: our loss with nnU-Net's Adam at lr 1e-3, see ``optimizer_choice.py``);
 ``--optimizer sgd`` keeps nnU-Net's SGD, with which the heuristic Îµ predicts empty maps everywhere. Everything happens under --work-dir with its own
 nnUNet_raw / nnUNet_preprocessed / nnUNet_results (yours are never touched); logs go to
 <work-dir>/logs/. Finished steps are reused when the command is run again (an interrupted training
@@ -43,7 +43,7 @@ from tqdm import tqdm
 # the quickstart's runner: private nnU-Net folders, our trainers on nnUNet_extTrainer, one log per step
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from optimizer_choice import add_optimizer_argument, trainer_folders, trainer_name, unknown_for_optimizer  # noqa: E402
+from optimizer_choice import add_optimizer_argument, trainer_name  # noqa: E402
 from quickstart import Runner, plan  # noqa: E402
 
 TASKS = ("groups", "classes")
@@ -256,17 +256,19 @@ def epochs_of(task_name: str, args: argparse.Namespace) -> int:
     return args.epochs if args.epochs is not None else DEFAULT_EPOCHS[task_name]
 
 
-def short_run_name(trainer: str, epochs: int, args: argparse.Namespace) -> str:
-    """``<trainer>[Adam]_<E>ep_<I>it``: nnU-Net's short run of the trainer with the chosen optimizer."""
-    return f"{trainer_name(trainer, args.optimizer)}_{epochs}ep_{args.iterations}it"
+def run_name(trainer: str, epochs: int, args: argparse.Namespace) -> str:
+    """``<trainer>[_adam]_<E>ep_<I>it``: the trainer with the chosen optimizer, for E epochs of I iterations."""
+    from nnunet_losses.training.names import short_run_name
+
+    return short_run_name(trainer_name(trainer, args.optimizer), epochs, args.iterations)
 
 
 def runs_of(task: Task, args: argparse.Namespace) -> List[tuple]:
     """(row label, dataset, short-run trainer) of every training of a task, the reference first."""
     epochs = epochs_of(task.name, args)
-    runs = [(FULL, task.source, short_run_name(REFERENCE_TRAINER, epochs, args))] if args.reference else []
+    runs = [(FULL, task.source, run_name(REFERENCE_TRAINER, epochs, args))] if args.reference else []
     trainers = args.trainers or PARTIAL_TRAINERS[task.name]
-    return runs + [(trainer.replace("nnUNetTrainer", ""), task.partial, short_run_name(trainer, epochs, args))
+    return runs + [(trainer.replace("nnUNetTrainer", ""), task.partial, run_name(trainer, epochs, args))
                    for trainer in trainers]
 
 
@@ -338,10 +340,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--size: expected at least 32 pixels, got {args.size}")
     if not 1 <= args.dataset_id <= 996:
         parser.error(f"--dataset-id: expected an ID in [1, 996] (four consecutive IDs are used), got {args.dataset_id}")
-    unknown = unknown_for_optimizer(args.trainers or (), args.optimizer)
-    if unknown:
-        parser.error(f"--trainers: expected trainers of nnunet-losses with --optimizer adam (or use --optimizer sgd), "
-                     f"got {', '.join(unknown)}")
     if args.device == "auto":
         import torch
 
@@ -360,11 +358,10 @@ def run_one(runner: Runner, task: Task, label: str, dataset, trainer: str, args:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
-    from nnunet_losses.training.discovery import ENV_VAR
+    from nnunet_losses.training.discovery import enable_trainers
 
     args = parse_args(argv)
-    # the Runner's nnU-Net commands find our trainers and, with adam, <trainer>Adam there
-    os.environ[ENV_VAR] = trainer_folders(os.environ.get(ENV_VAR), args.optimizer)
+    enable_trainers()  # the Runner's nnU-Net commands find our trainers and their names with tokens (_adam)
     runner = Runner(args.work_dir.resolve())
     print(f"Working in {runner.work_dir} ({args.device}): tasks {', '.join(args.tasks)}, trainings of "
           f"{' / '.join(f'{epochs_of(t, args)} ({t})' for t in args.tasks)} epochs x {args.iterations} iterations "

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from typing import Optional, Sequence
 
 # modules that register subcommands, in the order they appear in --help
 SUBCOMMAND_MODULES: list[str] = [
     "nnunet_losses.commands.trainer_path",
+    "nnunet_losses.commands.trainers",
     "nnunet_losses.commands.derive",
     "nnunet_losses.commands.gradients",
     "nnunet_losses.commands.evaluation",
@@ -33,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # nnU-Net's network library uses torch.jit.interface, which torch >= 2.9 warns about on import: not the
+    # user's concern, and it would break the rule that an error is one line on stderr
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.interface` is deprecated", category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
