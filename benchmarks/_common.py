@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 import subprocess
 from typing import Optional, Sequence
+
+# the project's one Markdown table and one (atomic) JSON writer, for the scripts that import them from here
+from nnunet_losses.commands.output import markdown_table, write_json  # noqa: F401
 
 
 def cpu_model() -> str:
@@ -74,17 +76,3 @@ def describe_machine(info: dict) -> str:
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def write_json(path: str, report: dict) -> None:
-    """Write ``report`` atomically (a temporary file renamed), so an interrupted run never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = path + ".tmp"
-    with open(temporary, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(temporary, path)

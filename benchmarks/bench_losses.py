@@ -688,12 +688,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         if entry.get("profile"):
                             print(f"\n#### torch.profiler: {entry['loss']}\n\n{entry['profile']}", flush=True)
                     if args.json:  # after every setting, so an interrupted long run keeps what it measured
-                        write_json(args.json, report)
+                        write_json(report, args.json)
     print("\n### Targets\n\n" + format_target_overview(report["settings"]))
     report["machine"]["load_average_at_end"] = machine_info(args.devices[-1])["load_average"]
     print(f"\nLoad average at the end: {report['machine']['load_average_at_end']}")
     if args.json:
-        write_json(args.json, report)
+        write_json(report, args.json)
         print(f"Wrote {args.json}")
     return 0
 

@@ -297,7 +297,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     runs[(trainer, round_index)] = result
                     report["runs"].append(dict(trainer=trainer, round=round_index, **result))
                     if args.json:
-                        write_json(args.json, report)
+                        write_json(report, args.json)
                     bar.update()
         table = summarise(runs, trainers, args.repeats)
         report["summary"] = table
@@ -306,7 +306,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(format_table(table))
         print(f"\nLoad average at the end: {report['machine']['load_average_at_end']}")
         if args.json:
-            write_json(args.json, report)
+            write_json(report, args.json)
             print(f"Wrote {args.json}")
     failed = any(entry["errors"] for entry in table)
     return 1 if failed else 0

@@ -35,7 +35,7 @@ from ..nnunet_io import (
     training_files,
 )
 from ..training.label_sets import ANNOTATED_LABELS_KEY, LabelResolver, validate_annotated_labels
-from ._output import folder_renamed_into_place
+from .output import folder_renamed_into_place
 from ._subcommand import add_subcommand
 
 COMMAND = "derive-partial"

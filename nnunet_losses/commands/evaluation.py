@@ -40,7 +40,7 @@ from ..nnunet_io import (
     reader_writer_for,
     summary_class_names,
 )
-from ._output import Table, markdown_table, pyplot, save_figure, write_json, write_markdown
+from .output import Table, markdown_table, pyplot, save_figure, write_json, write_markdown
 from ._subcommand import add_subcommand, print_done
 
 COMMAND = "evaluate"

@@ -59,7 +59,7 @@ from ..nnunet_io import (
     read_probabilities,
     read_segmentation,
 )
-from ._output import Table, pyplot, save_figure, write_json, write_markdown
+from .output import Table, pyplot, save_figure, write_json, write_markdown
 from ._subcommand import add_subcommand, print_done
 
 COMMAND = "gradients"

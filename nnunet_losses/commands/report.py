@@ -30,7 +30,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ..nnunet_io import cases_with_probabilities, load_dataset_json, read_probabilities, read_segmentation
-from ._output import Table, pyplot, save_figure, write_json, write_markdown
+from .output import Table, pyplot, save_figure, write_json, write_markdown
 from ._subcommand import add_subcommand, print_done
 from .evaluation import (
     DEFAULT_BINS,

@@ -1,5 +1,6 @@
-"""What every subcommand writes, written one way: Markdown tables, JSON (NaN as null), PNG figures
-through matplotlib's file-only backend, and a folder assembled out of sight and renamed into place."""
+"""What every subcommand (and benchmarks/) writes, written one way: Markdown tables, JSON (NaN as null,
+written atomically), PNG figures through matplotlib's file-only backend, and a folder assembled out of
+sight and renamed into place."""
 
 from __future__ import annotations
 
@@ -61,9 +62,14 @@ def _nan_as_null(value):
 
 
 def write_json(data, path: PathLike) -> Path:
-    """``data`` as indented, strict JSON (NaN written as null, numpy values as Python ones) to ``path``."""
-    Path(path).write_text(json.dumps(_nan_as_null(data), indent=2, default=_json_default))
-    return Path(path)
+    """``data`` as indented, strict JSON (NaN written as null, numpy values as Python ones) to ``path``,
+    through a temporary file renamed over it: an interrupted write never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_text(json.dumps(_nan_as_null(data), indent=2, default=_json_default))
+    os.replace(temporary, path)
+    return path
 
 
 def pyplot():
