@@ -3,12 +3,14 @@
 No timing assertions: speed is measured by ``benchmarks/``, never by tests.
 """
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import nnunet_losses
@@ -57,7 +59,7 @@ def test_quick_loss_benchmark_reports_every_loss(tmp_path):
 
 
 def test_training_benchmark_names_trainers_nnunet_finds(monkeypatch):
-    # the trainer list of bench_training.py is LOSSES.md §5; a renamed trainer would silently drop out
+    # the trainer list of bench_training.py is docs/losses.md §6; a renamed trainer would silently drop out
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     monkeypatch.setenv("nnUNet_extTrainer", os.environ.get("nnUNet_extTrainer", ""))  # restored afterwards
     import bench_training
@@ -65,3 +67,217 @@ def test_training_benchmark_names_trainers_nnunet_finds(monkeypatch):
     assert len(bench_training.TRAINERS) == 11
     assert bench_training.missing_trainers([bench_training.BASELINE, *bench_training.TRAINERS]) == []
     assert bench_training.short_run_name("nnUNetTrainerMime", 4, 20) == "nnUNetTrainerMime_4ep_20it"
+
+
+# ----------------------------------------------------------------------------------------------
+# bench_quality.py: the plan, resuming, the summary and the datasets (no nnU-Net training here)
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def quality(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setenv("nnUNet_extTrainer", os.environ.get("nnUNet_extTrainer", ""))  # restored afterwards
+    import bench_quality
+
+    return bench_quality
+
+
+def _record(dataset, trainer, budget, repeat, dice, mean, curve=(0.2, 0.4), seconds=30.0):
+    epochs, iterations = (int(v) for v in budget.split("x"))
+    return dict(dataset=dataset, trainer=trainer, budget=budget, repeat=repeat, epochs=epochs, iterations=iterations,
+                classes=list(dice), test_dice=dict(dice), test_dice_mean=mean,
+                wall_seconds={"train": seconds / 2, "total": seconds},
+                curve={"iterations": [iterations * (e + 1) for e in range(len(curve))], "mean_fg_dice": list(curve)},
+                device="cpu", machine={"cpu": "Test CPU", "cpu_cores": 2, "torch": "2.x", "nnunetv2": "2.8"})
+
+
+def test_quality_plan_runs_every_trainer_budget_and_repeat(quality):
+    from nnunet_losses.trainers import TRAINER_NAMES
+
+    # the default campaign: nnU-Net's three references and every trainer of ours, each with a family reference
+    assert quality.DEFAULT_TRAINERS == ("nnUNetTrainer", "nnUNetTrainerDiceLoss", "nnUNetTrainerCELoss", *TRAINER_NAMES)
+    assert set(quality.FAMILY_REFERENCE) == set(TRAINER_NAMES)
+    assert quality.FAMILY_REFERENCE["nnUNetTrainerCEKL"] == "nnUNetTrainerCELoss"
+    assert quality.FAMILY_REFERENCE["nnUNetTrainerNegativeMime"] == "nnUNetTrainerDiceLoss"
+    assert [quality.parse_budget(b).label for b in quality.split_list([quality.DEFAULT_BUDGETS])] == ["5x25", "20x25"]
+
+    runs = quality.plan_runs(["synthetic2d", "synthetic3d"], ["nnUNetTrainer", "nnUNetTrainerMime_adam"],
+                             [quality.Budget(20, 25), quality.Budget(5, 25)], repeats=2)
+    assert len(runs) == 2 * 2 * 2 * 2 and len({run.key for run in runs}) == 16
+    # the smaller budget first, repeat by repeat, every dataset and trainer in each block
+    assert [run.key for run in runs[:5]] == [("synthetic2d", "nnUNetTrainer", "5x25", 0),
+                                             ("synthetic2d", "nnUNetTrainerMime_adam", "5x25", 0),
+                                             ("synthetic3d", "nnUNetTrainer", "5x25", 0),
+                                             ("synthetic3d", "nnUNetTrainerMime_adam", "5x25", 0),
+                                             ("synthetic2d", "nnUNetTrainer", "5x25", 1)]
+    assert runs[-1].key == ("synthetic3d", "nnUNetTrainerMime_adam", "20x25", 1)
+    assert runs[1].run_name == "nnUNetTrainerMime_adam_5ep_25it" and runs[-1].run_name.endswith("_20ep_25it")
+
+    with pytest.raises(ValueError, match=r"expected EPOCHSxITERATIONS with both >= 1, such as 5x25, got '5x0'"):
+        quality.parse_budget("5x0")
+    with pytest.raises(ValueError, match=r"expected names without an epochs/iterations token .*, got 'nnUNetTrainer_5"):
+        quality.check_trainer_has_no_budget("nnUNetTrainer_5ep")
+    quality.check_trainer_has_no_budget("nnUNetTrainerMime_a1.5_adam")  # other tokens are the user's experiment
+
+
+def test_quality_default_campaign_names_are_found_by_nnunet(quality):
+    runs = quality.plan_runs(["synthetic2d"], list(quality.DEFAULT_TRAINERS), [quality.Budget(5, 25)], repeats=1)
+    assert len(runs) == 14
+    assert quality.missing_trainers([run.run_name for run in runs]) == []
+
+
+def test_quality_resumes_skipping_finished_and_retrying_failed_runs(quality, tmp_path, monkeypatch, capsys):
+    results = tmp_path / "quality.json"
+    runs = quality.plan_runs(["synthetic2d"], ["nnUNetTrainer", "nnUNetTrainerMime"], [quality.Budget(1, 2)], 2)
+    finished = _record("synthetic2d", "nnUNetTrainerMime", "1x2", 0, {"organ": 0.5}, 0.5)
+    quality.store_record(results, finished)  # a run of an earlier session
+    assert quality.pending_runs(runs, quality.load_results(results)) == [runs[0], runs[2], runs[3]]
+
+    executed = []
+
+    def fake_execute(run, work, raw, args):
+        executed.append(run.key)
+        if run.key == ("synthetic2d", "nnUNetTrainer", "1x2", 1) and len(executed) < 4:
+            raise RuntimeError("nnUNetv2_train exited with 1")
+        return _record(*run.key, {"organ": 0.7}, 0.7)
+
+    monkeypatch.setattr(quality, "execute_run", fake_execute)
+    monkeypatch.setattr(quality, "prepare_dataset", lambda work, spec, processes: tmp_path / "raw" / spec.key)
+    monkeypatch.setattr(quality, "describe_dataset", lambda spec, folder: {"spec": {"key": spec.key}})
+    args = argparse.Namespace(work_dir=tmp_path, results=results, planning_processes=1, device="cpu",
+                              keep_checkpoints=False)
+
+    assert quality.run_campaign(runs, args) == 1  # one failed run
+    assert executed == [runs[0].key, runs[2].key, runs[3].key]  # the finished run was skipped
+    stored = quality.load_results(results)
+    assert sorted(quality.record_key(r) for r in stored["runs"]) == sorted([runs[0].key, runs[1].key, runs[3].key])
+    assert [quality.record_key(f) for f in stored["failures"]] == [runs[2].key]
+    assert stored["datasets"] == {"synthetic2d": {"spec": {"key": "synthetic2d"}}}
+    assert not list(tmp_path.glob("*.tmp"))  # written through a temporary file, renamed
+    out = capsys.readouterr().out
+    assert "1 of 4 runs already done" in out and "FAILED (retried on the next call)" in out
+    assert "4 of 4 done" not in out and "3 of 4 done, ETA" in out
+
+    assert quality.run_campaign(runs, args) == 0  # the next call: only the failed run again
+    assert executed[3:] == [runs[2].key]
+    stored = quality.load_results(results)
+    assert len(stored["runs"]) == 4 and stored["failures"] == []
+    assert quality.run_campaign(runs, args) == 0 and len(executed) == 4  # all done: nothing runs
+
+    # a different dataset under the same name stops the campaign instead of mixing runs
+    with pytest.raises(SystemExit, match="expected dataset synthetic2d as the finished runs"):
+        quality.store_dataset(results, "synthetic2d", {"spec": {"key": "synthetic2d", "seed": 1}})
+
+
+def test_quality_dry_run_prints_the_plan_and_what_is_done(quality, tmp_path, capsys):
+    results = tmp_path / "quality.json"
+    quality.store_record(results, _record("synthetic2d", "nnUNetTrainer", "1x2", 1, {"organ": 0.5}, 0.5, seconds=40))
+    assert quality.main(["--dry-run", "--trainers", "nnUNetTrainer,nnUNetTrainerMime", "--budgets", "1x2",
+                         "--repeats", "2", "--datasets", "synthetic2d", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "| 3 | synthetic2d | nnUNetTrainer_1ep_2it | 1 | done |" in out
+    assert "| 4 | synthetic2d | nnUNetTrainerMime_1ep_2it | 1 | to run |" in out
+    # 3 pending runs of the dataset and budget of the finished one (40 s): 2 minutes
+    assert "1 of 4 runs done" in out and "3 to run; expected time of the rest: 2m" in out
+    with pytest.raises(SystemExit, match=r"--datasets: expected names among \['synthetic2d', 'synthetic3d'\], got"):
+        quality.main(["--dry-run", "--datasets", "x", "--results", str(results)])
+
+
+def test_quality_estimates_the_time_of_pending_runs(quality):
+    records = [_record("synthetic2d", "nnUNetTrainer", "2x5", 0, {"organ": 0.5}, 0.5, seconds=30.0),
+               _record("synthetic2d", "nnUNetTrainer", "2x5", 1, {"organ": 0.5}, 0.5, seconds=50.0)]
+    same, longer = (quality.Run("synthetic2d", "nnUNetTrainerMime", quality.Budget(*b), 0) for b in ((2, 5), (4, 5)))
+    other = quality.Run("synthetic3d", "nnUNetTrainer", quality.Budget(2, 5), 0)
+    assert quality.estimate_seconds(same, records) == 40.0  # the mean of the same dataset and budget
+    assert quality.estimate_seconds(longer, records) == 80.0  # 40 s / 10 iterations x 20 iterations
+    assert quality.estimate_seconds(other, records) is None
+    assert quality.remaining_seconds([same, longer], records) == 120.0
+    assert quality.remaining_seconds([same, other], records) is None
+    assert [quality.format_duration(s) for s in (45, 720, 3 * 3600 + 300)] == ["45s", "12m", "3h05m"]
+
+
+def test_quality_summary_table_by_hand(quality, tmp_path):
+    dice = lambda organ, lesion: {"organ": organ, "lesion": lesion}  # noqa: E731
+    records = [
+        _record("synthetic2d", "nnUNetTrainerCEL1", "2x3", 0, dice(0.90, 0.60), 0.75),
+        _record("synthetic2d", "nnUNetTrainerCEL1", "2x3", 1, dice(0.92, None), 0.92, curve=(0.4, None)),
+        _record("synthetic2d", "nnUNetTrainerMime", "2x3", 0, dice(0.88, 0.50), 0.69),
+        _record("synthetic2d", "nnUNetTrainerMime", "2x3", 1, dice(0.88, 0.60), 0.74),
+        _record("synthetic2d", "nnUNetTrainerDiceLoss", "2x3", 0, dice(0.85, 0.55), 0.70),
+        *[_record("synthetic2d", "nnUNetTrainer", "2x3", r, dice(0.8 + r / 10, 0.5 + r / 10), 0.65 + r / 10)
+          for r in range(3)],
+        _record("synthetic2d", "nnUNetTrainer", "1x2", 0, dice(0.3, 0.0), 0.15),
+        _record("synthetic2d", "nnUNetTrainerMime", "1x2", 0, dice(0.4, 0.0), 0.2),
+    ]
+    results = dict(quality.empty_results(), runs=records)
+    text = quality.summary_markdown(results)
+    lines = text.splitlines()
+    # nnUNetTrainer: organ 0.8, 0.9, 1.0 -> mean 0.9, sample std sqrt((0.01 + 0 + 0.01) / 2) = 0.1
+    assert "| nnUNetTrainer | 3 | 0.900 ± 0.100 | 0.600 ± 0.100 | 0.750 ± 0.100 | - | - |" in lines
+    # one run: no std; the gap to nnUNetTrainer's mean in brackets; references are not checked
+    assert "| nnUNetTrainerDiceLoss | 1 | 0.850 (-0.050) | 0.550 (-0.050) | 0.700 (-0.050) | - | - |" in lines
+    # lesion 0.5, 0.6 -> 0.55 ± 0.0707, 0.05 below nnUNetTrainer (> 0.03: missed); mean 0.715 >= DiceLoss's 0.700
+    assert ("| nnUNetTrainerMime | 2 | 0.880 ± 0.000 (-0.020) | 0.550 ± 0.071 (-0.050) | 0.715 ± 0.035 (-0.035) "
+            "| MISSED: lesion -0.050 | ok (+0.015) |") in lines
+    # a class without Dice in one run (None: both empty) is left out of that class's mean; no CELoss run: pending
+    assert ("| nnUNetTrainerCEL1 | 2 | 0.910 ± 0.014 (+0.010) | 0.600 (+0.000) | 0.835 ± 0.120 (+0.085) | ok "
+            "| pending (nnUNetTrainerCELoss not run) |") in lines
+    larger = lines.index("#### synthetic2d, 2x3 (epochs x iterations) (decides the targets)")
+    rows = [line.split(" | ")[0] for line in lines[larger:] if line.startswith("| nnUNetTrainer")]
+    assert rows == ["| nnUNetTrainer", "| nnUNetTrainerDiceLoss", "| nnUNetTrainerMime", "| nnUNetTrainerCEL1"]
+    # the smaller budget first; the largest decides the targets
+    assert lines.index("#### synthetic2d, 1x2 (epochs x iterations)") < lines.index(
+        "#### synthetic2d, 2x3 (epochs x iterations) (decides the targets)")
+    assert ("Targets at 2x3: within 0.03 of nnUNetTrainer: 1 of 2 ok; ≥ family's nnU-Net trainer: 1 of 1 ok, "
+            "1 pending.") in lines
+    assert ("| nnUNetTrainerMime | 1 | 0.400 (+0.100) | 0.000 (+0.000) | 0.200 (+0.050) | ok "
+            "| pending (nnUNetTrainerDiceLoss not run) |") in lines
+
+    # the curves: mean over repeats per epoch, an epoch without a value left out of that epoch's mean
+    iterations, values = quality.mean_curve(records[:2])
+    assert iterations == [3, 6] and values[0] == pytest.approx(0.3) and values[1] == pytest.approx(0.4)
+
+    path = tmp_path / "quality.json"
+    quality.write_json(results, path)
+    assert quality.write_summary(path) == text
+    assert path.with_suffix(".md").read_text() == text
+    assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="expected finished runs in .*, got none"):
+        quality.main(["--summarize", "--results", str(tmp_path / "none.json")])
+
+
+def test_quality_datasets_have_large_small_thin_and_absent_structures(quality, tmp_path):
+    import numpy as np
+    import SimpleITK as sitk
+
+    # one 3D case, by hand: organ large, lesion ~0.5 % (and absent when asked), vessel 3 voxels thin
+    image, labels = quality.synthetic_volume(np.random.default_rng(0), 32, lesion=True)
+    fractions = quality.label_fractions(labels)
+    assert image.shape == labels.shape == (32, 32, 32) and image.dtype == np.float32
+    assert fractions["organ"] >= 0.04 and 0.002 <= fractions["lesion"] <= 0.01 and 0 < fractions["vessel"] <= 0.01
+    vessel = np.argwhere(labels == quality.LABELS["vessel"])
+    assert np.ptp(vessel[:, 1]) + 1 <= 3 and np.ptp(vessel[:, 2]) + 1 <= 3 and np.ptp(vessel[:, 0]) + 1 >= 16
+    lesion = labels == quality.LABELS["lesion"]
+    assert not np.any(lesion & np.roll(labels == 0, 1, axis=0))  # inside the organ: never next to background
+    _, no_lesion = quality.synthetic_volume(np.random.default_rng(0), 32, lesion=False)
+    assert quality.label_fractions(no_lesion)["lesion"] == 0
+
+    # the benchmark's two datasets as written: nnU-Net's raw layout; the lesion absent from some cases of each split
+    for key, smallest_lesion, largest_lesion in (("synthetic2d", 0.003, 0.02), ("synthetic3d", 0.003, 0.01)):
+        spec = quality.DATASETS[key]
+        folder = quality.write_dataset(tmp_path / "raw", spec)
+        dataset_json = json.loads((folder / "dataset.json").read_text())
+        assert dataset_json["labels"] == {"background": 0, "organ": 1, "lesion": 2, "vessel": 3}
+        assert dataset_json["numTraining"] == spec.training_cases
+        description = quality.describe_dataset(spec, folder)
+        for split, cases in (("training", spec.training_cases), ("test", spec.test_cases)):
+            proportions = description["class_proportions"][split]
+            assert proportions["organ"]["present_in"] == proportions["vessel"]["present_in"] == cases
+            assert 0 < proportions["lesion"]["present_in"] < cases, (key, split)
+            assert proportions["organ"]["min"] >= 0.05
+            assert smallest_lesion <= proportions["lesion"]["min"] and proportions["lesion"]["max"] <= largest_lesion
+            assert proportions["vessel"]["max"] <= 0.025
+        first_label = sorted((folder / "labelsTr").glob("*.nii.gz"))[0]
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(first_label)))
+        assert array.shape == (spec.size,) * spec.dimensions
+        columns = np.argwhere(array == quality.LABELS["vessel"])[:, -1]
+        assert np.ptp(columns) + 1 <= 3  # thin: 3 pixels / voxels wide
