@@ -28,7 +28,7 @@ Examples::
 
     python benchmarks/bench_quality.py --dry-run                          # the plan, and what is done
     python benchmarks/bench_quality.py                                    # the campaign (hours; resumable)
-    python benchmarks/bench_quality.py --trainers nnUNetTrainer,nnUNetTrainerMime --budgets 1x2 \\
+    python benchmarks/bench_quality.py --trainers nnUNetTrainer nnUNetTrainerMime --budgets 1x2 \\
         --repeats 1 --datasets synthetic2d --work-dir /tmp/q --results /tmp/q/quality.json   # smoke run
     python benchmarks/bench_quality.py --summarize                        # tables (.md) and curves (.png)
 """
@@ -157,9 +157,9 @@ def parse_budget(text: str) -> Budget:
     return Budget(int(found[1]), int(found[2]))
 
 
-def split_list(values: Iterable[str]) -> list:
-    """Option values given as ``a,b c``: every item once, in order."""
-    items = [item.strip() for value in values for item in value.split(",")]
+def split_list(values: Iterable[str], separator: Optional[str] = ",") -> list:
+    """Option values given as ``a,b c`` (``separator=None``: only spaces): every item once, in order."""
+    items = [item.strip() for value in values for item in value.split(separator)]
     return list(dict.fromkeys(item for item in items if item))
 
 
@@ -805,8 +805,9 @@ def write_summary(results_path: Path) -> Optional[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--trainers", nargs="+", default=[",".join(DEFAULT_TRAINERS)], metavar="TRAINER",
-                        help="trainer names (comma- or space-separated), ours or nnU-Net's, with tokens but without "
+    parser.add_argument("--trainers", nargs="+", default=[" ".join(DEFAULT_TRAINERS)], metavar="TRAINER",
+                        help="trainer names (space-separated: a name's per-class values hold commas), ours or "
+                             "nnU-Net's, with tokens but without "
                              "a budget; default: nnU-Net's three references and our 11 trainers")
     parser.add_argument("--budgets", nargs="+", default=[DEFAULT_BUDGETS], metavar="ExI",
                         help="training budgets, EPOCHSxITERATIONS, comma-separated; each run is "
@@ -836,7 +837,7 @@ def parse_campaign(args: argparse.Namespace) -> tuple:
     unknown = [d for d in datasets if d not in DATASETS]
     if unknown:
         raise SystemExit(f"--datasets: expected names among {list(DATASETS)}, got {unknown}")
-    trainers = split_list(args.trainers)
+    trainers = split_list(args.trainers, separator=None)  # names hold commas: per-class values (a1.9,1,0.5)
     try:
         for trainer in trainers:
             check_trainer_has_no_budget(trainer)

@@ -99,6 +99,9 @@ def test_quality_plan_runs_every_trainer_budget_and_repeat(quality):
     assert quality.FAMILY_REFERENCE["nnUNetTrainerCEKL"] == "nnUNetTrainerCELoss"
     assert quality.FAMILY_REFERENCE["nnUNetTrainerNegativeMime"] == "nnUNetTrainerDiceLoss"
     assert [quality.parse_budget(b).label for b in quality.split_list([quality.DEFAULT_BUDGETS])] == ["5x25", "20x25"]
+    # trainer names are split on spaces only: per-class values in a name hold commas
+    assert quality.split_list(["nnUNetTrainer nnUNetTrainerMime_a1.9,1,0.5", "nnUNetTrainer"], separator=None) == \
+        ["nnUNetTrainer", "nnUNetTrainerMime_a1.9,1,0.5"]
 
     runs = quality.plan_runs(["synthetic2d", "synthetic3d"], ["nnUNetTrainer", "nnUNetTrainerMime_adam"],
                              [quality.Budget(20, 25), quality.Budget(5, 25)], repeats=2)
@@ -171,7 +174,7 @@ def test_quality_resumes_skipping_finished_and_retrying_failed_runs(quality, tmp
 def test_quality_dry_run_prints_the_plan_and_what_is_done(quality, tmp_path, capsys):
     results = tmp_path / "quality.json"
     quality.store_record(results, _record("synthetic2d", "nnUNetTrainer", "1x2", 1, {"organ": 0.5}, 0.5, seconds=40))
-    assert quality.main(["--dry-run", "--trainers", "nnUNetTrainer,nnUNetTrainerMime", "--budgets", "1x2",
+    assert quality.main(["--dry-run", "--trainers", "nnUNetTrainer", "nnUNetTrainerMime", "--budgets", "1x2",
                          "--repeats", "2", "--datasets", "synthetic2d", "--results", str(results)]) == 0
     out = capsys.readouterr().out
     assert "| 3 | synthetic2d | nnUNetTrainer_1ep_2it | 1 | done |" in out
