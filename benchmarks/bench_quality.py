@@ -757,11 +757,9 @@ def mean_curve(records: Sequence[dict]) -> tuple:
 
 def plot_curves(results: dict, path: Path) -> Path:
     """Validation pseudo-Dice against training iterations, one panel per dataset and budget, one line per trainer."""
-    import matplotlib
+    from nnunet_losses.commands.output import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     groups = group_records(results["runs"])
     columns = max(len(by_budget) for by_budget in groups.values())
     fig, axes = plt.subplots(len(groups), columns, figsize=(5.5 * columns, 4 * len(groups)), squeeze=False)
@@ -777,11 +775,12 @@ def plot_curves(results: dict, path: Path) -> Path:
                           label=f"{trainer} ({len(by_trainer[trainer])})")
             axis.set(title=f"{dataset}, {budget}", xlabel="training iterations",
                      ylabel="validation pseudo-Dice (mean over classes)", ylim=(0, 1))
-        axes[row][len(by_budget) - 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5),
-                                             title="trainer (runs)", title_fontsize=7)
         for column in range(len(by_budget), columns):
             axes[row][column].axis("off")
-    fig.tight_layout()
+    fig.tight_layout()  # before the legends: laid out with them, the panels would shrink to leave them room
+    for row, by_budget in enumerate(groups.values()):
+        axes[row][len(by_budget) - 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5),
+                                             title="trainer (runs)", title_fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90, bbox_inches="tight")  # the legends stand right of the panels
     plt.close(fig)
