@@ -10,7 +10,9 @@ tests read this module --
 * ``test_degenerate.py``: :attr:`Loss.degenerate` configurations, their value with every voxel masked;
 * ``test_gradcheck.py``: :attr:`Loss.gradcheck` configurations, :attr:`Loss.gradient_of`, module == function;
 * ``test_identities.py``: :attr:`Loss.identities` (label map == one-hot, ignore label == loss mask);
-* ``test_integration.py``: :attr:`Loss.integration` (deep supervision), :attr:`Loss.state` (buffers).
+* ``test_integration.py``: :attr:`Loss.integration` (deep supervision), :attr:`Loss.state` (buffers);
+* ``test_bad_inputs.py``: bad tensor values and sizes on every module, :attr:`Loss.double_backward` on the
+  :attr:`Loss.gradcheck` configurations.
 
 A configuration (:class:`Variant`) is a test id and the keyword options it passes to the module and to
 the pure function alike; ``activation="sigmoid"`` in them means region targets.
@@ -197,6 +199,8 @@ class Loss:
     - ``activations``: those it allows; ``annotated``: its forward and function take label sets;
     - ``invalid``: further invalid values of its own, option -> tuple of :class:`Invalid`;
     - ``gradient_of``: the loss whose value its gradient is the gradient of, where that is not its own value;
+    - ``double_backward``: whether ``create_graph=True`` gives exact second derivatives (test_bad_inputs.py
+      runs gradgradcheck on its :attr:`gradcheck` configurations) or is refused with a RuntimeError;
     - ``state``: the tensor options kept as buffers, with example values exact in float32, and
       ``state_options`` the other options the buffer tests build it with;
     - ``fuzz`` ... ``integration``: the configurations each property test runs (module docstring).
@@ -211,6 +215,7 @@ class Loss:
     annotated: bool = False
     invalid: Mapping[str, tuple] = field(default_factory=dict)
     gradient_of: Optional[Callable] = None
+    double_backward: bool = True
     state: Mapping[str, object] = field(default_factory=dict)
     state_options: Mapping[str, object] = field(default_factory=dict)
     fuzz: tuple = ()
@@ -292,6 +297,7 @@ DYNAMIC_MIME = Loss(
     # its value is not the potential of its gradient (its weights are taken without gradient): its
     # gradient is that of the Φ-Dice loss with the same options
     gradient_of=nl.phi_dice_loss,
+    double_backward=False,  # autograd would differentiate the weights' no-grad recomputation wrongly: refused
     state={"epsilon": [0.0, 2.0, 1.5]}, state_options=dict(phi="I"),
     fuzz=tuple(Variant(f"dynamic_mime_{phi}", {"phi": phi}) for phi in PHIS),
     degenerate=(

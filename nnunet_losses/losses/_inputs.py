@@ -3,7 +3,7 @@ one-hot / region target, ignore label, mask, float32 compute dtype), and the pro
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -38,6 +38,8 @@ def check_logits(x: object, activation: str) -> torch.Tensor:
         raise TypeError(f"x: expected floating-point logits, got dtype {x.dtype}")
     if x.ndim not in (4, 5):
         raise ValueError(f"x: expected logits of shape (B, C, H, W) or (B, C, D, H, W), got shape {tuple(x.shape)}")
+    if x.numel() == 0:  # an empty batch, channel axis or patch has no loss to define (docs/validation.md)
+        raise ValueError(f"x: expected at least one sample, channel and voxel, got shape {tuple(x.shape)}")
     if activation == "softmax" and x.shape[1] < 2:
         raise ValueError(
             f"x: expected at least 2 channels for activation='softmax' (background + classes), got {x.shape[1]}; "
@@ -65,7 +67,9 @@ def prepare(
     * sigmoid: ``y`` is a ``(B, C, *spatial)`` region target (0/1 per channel).
 
     Float label maps (nnU-Net's dataloader may deliver them) are rounded to the nearest integer;
-    ``loss_mask`` values other than 0/1 act as per-voxel weights (not checked: that would cost a sync).
+    ``loss_mask`` values other than 0/1 act as per-voxel weights. The values are checked as
+    docs/validation.md says (:func:`check_values`): labels in ``[0, C-1]``, one-hot / region values in
+    ``[0, 1]``, mask weights finite and ``>= 0``.
     """
     check_logits(x, activation)
     ignore_label = check_ignore_label(ignore_label)
@@ -83,6 +87,8 @@ def prepare(
                     f"one-hot/region target of shape {tuple(y.shape)}; pass loss_mask instead"
                 )
             target = y.to(dtype)
+            # masked voxels included: 0 · NaN would still be NaN
+            check_range(target, "y: expected one-hot/region values in [0, 1]", lambda lo, hi: (lo >= 0) & (hi <= 1))
         if mask is not None:
             mask = mask.to(dtype)
     return Prepared(labels, target, mask, dtype)
@@ -121,6 +127,8 @@ def _checked_mask(x: torch.Tensor, loss_mask: object) -> Optional[torch.Tensor]:
         return None
     if not isinstance(loss_mask, torch.Tensor):
         raise TypeError(f"loss_mask: expected a torch.Tensor or None, got {type(loss_mask).__name__}")
+    if loss_mask.is_complex():
+        raise TypeError(f"loss_mask: expected a real-valued tensor, got dtype {loss_mask.dtype}")
     received = tuple(loss_mask.shape)
     loss_mask = _with_channel_dim(loss_mask, x)
     if loss_mask.shape != (x.shape[0], 1, *x.shape[2:]):
@@ -128,6 +136,9 @@ def _checked_mask(x: torch.Tensor, loss_mask: object) -> Optional[torch.Tensor]:
             f"loss_mask: expected shape {(x.shape[0], 1, *x.shape[2:])} (1 = voxel counts), "
             f"got shape {received}"
         )
+    # a negative weight can make the Dice denominators cross zero
+    check_range(loss_mask, "loss_mask: expected finite weights >= 0 (1 = voxel counts)",
+                lambda lo, hi: (lo >= 0) & (hi < float("inf")))
     return loss_mask
 
 
@@ -142,18 +153,44 @@ def _prepared_labels(y: torch.Tensor, mask: Optional[torch.Tensor], ignore_label
         mask = keep if mask is None else (mask.bool() & keep)
     if mask is not None:
         labels = torch.where(mask.bool(), labels, 0)
-    # out-of-range labels would corrupt scatter/gather: check them, except inside torch.compile,
-    # where the host sync would break the graph (nnU-Net compiles the loss on CUDA)
-    if labels.numel() and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling():  # out-of-range labels would corrupt scatter_ and gather
         lo, hi = torch.aminmax(labels)
-        lo, hi = int(lo), int(hi)  # one host sync; out-of-range labels would corrupt scatter_
-        if lo < 0 or hi >= num_channels:
-            raise ValueError(
-                f"y: expected labels in [0, {num_channels - 1}] for x with {num_channels} channels"
-                + (f" (or the ignore label {ignore_label})" if ignore_label is not None else "")
-                + f", got values in [{lo}, {hi}]"
-            )
+        expected = (f"y: expected labels in [0, {num_channels - 1}] for x with {num_channels} channels"
+                    + (f" (or the ignore label {ignore_label})" if ignore_label is not None else ""))
+        check_values((lo >= 0) & (hi < num_channels), expected, lambda: f", got values in [{int(lo)}, {int(hi)}]")
     return labels, mask
+
+
+def check_values(ok: torch.Tensor, expected: str, received: Callable[[], str]) -> None:
+    """A check of tensor values that only a host read could decide (docs/validation.md): ``ok`` is a
+    bool scalar tensor, ``expected`` the message's ``name: expected …``. On the CPU, eager: a
+    ValueError ``expected + received()`` (``received`` formats what was found, read only on failure).
+    Elsewhere (CUDA) and inside torch.compile, ``torch._assert_async(ok, expected)``: no host sync, the
+    failure surfaces at the device's next synchronisation. Callers skip value checks inside
+    torch.compile where docs/validation.md says so."""
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok):
+            raise ValueError(expected + received())
+    else:
+        torch._assert_async(ok, expected)
+
+
+def received_range(values: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> str:
+    """``", got values in [low, high]"`` (or ``", got NaN values"``) for a failed range check."""
+    if bool(torch.isnan(values).any()):
+        return ", got NaN values"
+    return f", got values in [{float(low):g}, {float(high):g}]"
+
+
+def check_range(values: torch.Tensor, expected: str, within: Callable) -> None:
+    """:func:`check_values` of ``within(min, max)`` (a bool tensor) over every element of ``values``,
+    naming the range found; bool tensors are in range by type, and nothing is read inside torch.compile."""
+    if values.dtype == torch.bool or torch.compiler.is_compiling():
+        return
+    # axes in memory order: a permuted tensor (one_hot(...).movedim(-1, 1)) reduces as fast as a contiguous one
+    in_memory_order = values.detach().permute(sorted(range(values.ndim), key=lambda axis: -values.stride(axis)))
+    lo, hi = torch.aminmax(in_memory_order)
+    check_values(within(lo, hi), expected, lambda: received_range(values, lo, hi))
 
 
 def probabilities(x: torch.Tensor, activation: str, dtype: torch.dtype) -> torch.Tensor:

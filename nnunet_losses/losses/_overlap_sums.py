@@ -10,6 +10,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ._autograd import differentiable_gradient
 from ._inputs import Prepared, compute_dtype, probabilities
 from ._reductions import spatial_sum
 
@@ -159,7 +160,9 @@ class OverlapSumsFunction(torch.autograd.Function):
     The forward's probabilities are handed to the backward (when the logits need a gradient), which
     consumes them in place: one logits-sized tensor lives from the forward to the end of the
     backward, and the softmax runs once. A second backward through the same graph
-    (``retain_graph=True``) finds them consumed and recomputes them from the saved logits.
+    (``retain_graph=True``) finds them consumed and recomputes them from the saved logits. Under
+    ``create_graph=True`` the backward differentiates the forward retraced with autograd instead
+    (:func:`~._autograd.differentiable_gradient`), so double backward has exact second derivatives.
     Under ``torch.compile`` the custom operator ``nnunet_losses::overlap_sums`` runs instead (see
     :func:`overlap_sums`).
     """
@@ -180,6 +183,11 @@ class OverlapSumsFunction(torch.autograd.Function):
     def backward(ctx, grad_intersection, grad_prediction, grad_row):
         x, labels, target, mask = ctx.saved_tensors
         probs, ctx.probs = ctx.probs, None  # consumed: a second backward recomputes them
+        if torch.is_grad_enabled():  # create_graph=True: a gradient with second derivatives
+            grad = differentiable_gradient(
+                lambda x: _overlap_sums_forward(x, labels, target, mask, ctx.softmax, grad_row is not None)[:3],
+                x, (grad_intersection, grad_prediction, grad_row))
+            return grad, None, None, None, None, None
         with torch.autocast(x.device.type, enabled=False):
             grad = _overlap_sums_backward(probs, x, labels, target, mask, ctx.softmax, grad_intersection,
                                           grad_prediction, grad_row)

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._inputs import label_counts, prepare
-from ._options import ClassValues, check_ignore_label, check_phi_options, per_class
+from ._inputs import check_range, label_counts, prepare
+from ._options import (ClassValues, check_count, check_ignore_label, check_phi_options, check_scalar, per_class,
+                       type_or_dtype)
 from ._overlap_sums import overlap_sums
 from ._reductions import dice_denominator, reduce_phi, soft_dice
 from .distributed import ddp_active
@@ -125,6 +126,35 @@ def dice_gradient_weights(intersection: torch.Tensor, prediction: torch.Tensor, 
         >>> float(a), float(b)                                                   # 2·6/64, 2·2/64
         (0.1875, 0.0625)
     """
+    epsilon = _checked_dice_tables(intersection, prediction, ground_truth, epsilon)
+    return _dice_gradient_weights(intersection, prediction, ground_truth, epsilon,
+                                  check_count("num_subsets", num_subsets))
+
+
+def _checked_dice_tables(intersection, prediction, ground_truth, epsilon):
+    """The tables of :func:`dice_gradient_weights`: real tensors of one shape, sums >= 0 (values as
+    docs/validation.md says), ε a number >= 0 (returned as a float) or a tensor of such that broadcasts
+    to them (returned as it is)."""
+    for name, table in (("intersection", intersection), ("prediction", prediction), ("ground_truth", ground_truth)):
+        if not isinstance(table, torch.Tensor) or not table.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor of sums, got {type_or_dtype(table)}")
+        if table.shape != intersection.shape:
+            raise ValueError(f"{name}: expected the shape of intersection {tuple(intersection.shape)}, "
+                             f"got shape {tuple(table.shape)}")
+        check_range(table, f"{name}: expected finite sums >= 0",
+                    lambda lo, hi: (lo >= 0) & (hi < float("inf")))
+    if not isinstance(epsilon, torch.Tensor):
+        return check_scalar("epsilon", epsilon)
+    if not epsilon.is_floating_point() or epsilon.ndim > intersection.ndim or any(
+            e not in (1, t) for e, t in zip(epsilon.shape[::-1], intersection.shape[::-1])):
+        raise ValueError(f"epsilon: expected a number or a floating-point tensor that broadcasts to "
+                         f"{tuple(intersection.shape)}, got a tensor of dtype {epsilon.dtype} and shape "
+                         f"{tuple(epsilon.shape)}")
+    check_range(epsilon, "epsilon: expected finite values >= 0", lambda lo, hi: (lo >= 0) & (hi < float("inf")))
+    return epsilon
+
+
+def _dice_gradient_weights(intersection, prediction, ground_truth, epsilon, num_subsets):
     denominator = dice_denominator(prediction, ground_truth, epsilon)
     b = (2 * intersection + epsilon) / (num_subsets * denominator**2)
     a = 2 / (num_subsets * denominator) - b
@@ -153,10 +183,7 @@ def estimate_epsilon(targets: Iterable, num_classes: int, *, ignore_label: Optio
         >>> estimate_epsilon(maps, num_classes=3)                            # (1+4)/2, (2+0)/2, (1+0)/2
         tensor([2.5000, 1.0000, 0.5000], dtype=torch.float64)
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-        raise TypeError(f"num_classes: expected an int >= 1, got {type(num_classes).__name__} {num_classes!r}")
-    if num_classes < 1:
-        raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
+    num_classes = check_count("num_classes", num_classes)
     ignore_label = check_ignore_label(ignore_label)
     # iterating one tensor would walk its samples, and a (B, 1, 1, H, W) batch would pass the shape check
     if isinstance(targets, (torch.Tensor, np.ndarray)):

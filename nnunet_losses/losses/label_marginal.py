@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._inputs import compute_dtype, prepare
-from ._options import ACTIVATIONS, check_ignore_label, check_option, check_scalar
+from ._autograd import differentiable_gradient
+from ._inputs import check_range, compute_dtype, prepare
+from ._options import ACTIVATIONS, check_ignore_label, check_option, check_scalar, type_or_dtype
 from ._overlap_sums import overlap_sums_ground_truth
 from ._reductions import masked_mean, spatial_sum
 
@@ -43,6 +44,36 @@ def marginal_penalty(y_hat: torch.Tensor, p_hat: torch.Tensor, *, penalty: str =
         >>> round(float(marginal_penalty(y_hat, p_hat, penalty="kl")), 6)  # 0.75 ln 1.5 + 0.25 ln 0.5
         0.130812
     """
+    check_option("penalty", penalty, PENALTIES)
+    check_option("activation", activation, ACTIVATIONS)
+    _check_proportions("y_hat", y_hat, y_hat)
+    _check_proportions("p_hat", p_hat, y_hat)
+    _check_valid(valid, y_hat.shape[0])
+    return _marginal_penalty(y_hat, p_hat, penalty, activation, valid)
+
+
+def _check_proportions(name: str, value: object, like: object) -> None:
+    """``y_hat`` / ``p_hat``: floating-point ``(B, C)`` class proportions (shaped like ``like``), in [0, 1]."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise TypeError(
+            f"{name}: expected a floating-point (B, C) tensor of class proportions, got {type_or_dtype(value)}")
+    if value.ndim != 2 or value.numel() == 0:
+        raise ValueError(f"{name}: expected a (B, C) tensor with B, C >= 1, got shape {tuple(value.shape)}")
+    if value.shape != like.shape:
+        raise ValueError(f"{name}: expected the shape of y_hat {tuple(like.shape)}, got shape {tuple(value.shape)}")
+    check_range(value, f"{name}: expected class proportions in [0, 1]", lambda lo, hi: (lo >= 0) & (hi <= 1))
+
+
+def _check_valid(valid: object, batch: int) -> None:
+    if valid is None:
+        return
+    if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
+        raise TypeError(f"valid: expected None or a ({batch},) bool tensor, got {type_or_dtype(valid)}")
+    if valid.shape != (batch,):
+        raise ValueError(f"valid: expected shape ({batch},) (one per image of y_hat), got shape {tuple(valid.shape)}")
+
+
+def _marginal_penalty(y_hat, p_hat, penalty, activation, valid):
     if penalty == "l1":
         per_image = (y_hat - p_hat).abs().mean(1)
     elif penalty == "kl":
@@ -50,7 +81,7 @@ def marginal_penalty(y_hat: torch.Tensor, p_hat: torch.Tensor, *, penalty: str =
         if activation == "sigmoid":
             rest_y, rest_p = 1 - y_hat, 1 - p_hat
             per_image = per_image + (torch.xlogy(rest_y, rest_y) - rest_y * rest_p.clamp_min(_LOG_FLOOR).log()).sum(1)
-    else:
+    else:  # dice_bias
         per_image = (p_hat + y_hat).clamp_min(_LOG_FLOOR).log().mean(1)
     return per_image.mean() if valid is None else masked_mean(per_image, valid)
 
@@ -126,7 +157,7 @@ def _label_marginal(x, y, loss_mask, penalty, lam, tau, activation, ignore_label
     counted = counted.clamp_min(1)
     p_hat = sharpened_sums / counted
     y_hat = overlap_sums_ground_truth(prepared, x.shape[1]) / counted
-    return ce + lam * marginal_penalty(y_hat, p_hat, penalty=penalty, activation=activation, valid=valid)
+    return ce + lam * _marginal_penalty(y_hat, p_hat, penalty, activation, valid)
 
 
 # The sharpened probabilities are computed slice by slice along the voxels (kept for the backward when
@@ -160,6 +191,8 @@ def _sharpened(log_probs: torch.Tensor, tau: float, shift: bool) -> torch.Tensor
     from x by a per-voxel constant, which softmax ignores), in four in-place passes on one new tensor:
     ``torch.softmax`` over the channel axis of such a voxel slice (strided) took 4x longer on the CPU."""
     q = torch.mul(log_probs, tau)
+    if torch.is_grad_enabled():  # retraced for a double backward: out of place, as autograd needs
+        return torch.softmax(q, 1)
     if shift:
         q.sub_(q.amax(1, keepdim=True))
     q.exp_()
@@ -182,7 +215,9 @@ class _CrossEntropyAndMarginals(torch.autograd.Function):
     (``log_softmax``, as ``F.cross_entropy``) and :math:`q = \mathrm{softmax}(τ \log s)`, which it
     computes from them slice by slice; the backward turns the log-probabilities into the gradient in
     place and frees each slice of q once used (two logits-sized tensors at the peak, against three for
-    nnU-Net's CE). A second backward (``retain_graph``) recomputes both from the saved logits. Sigmoid
+    nnU-Net's CE). A second backward (``retain_graph``) recomputes both from the saved logits; under
+    ``create_graph=True`` the backward differentiates the forward retraced with autograd (exact second
+    derivatives, :func:`~._autograd.differentiable_gradient`). Sigmoid
     keeps nothing: the backward writes σ(x) into the gradient. Label maps are gathered /
     scatter-added, never one-hot.
     """
@@ -190,31 +225,25 @@ class _CrossEntropyAndMarginals(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, labels, target, mask, softmax: bool, tau: Optional[float], keep: bool):
         ctx.set_materialize_grads(False)
-        with torch.autocast(x.device.type, enabled=False):  # sums stay float32 under autocast
-            return _CrossEntropyAndMarginals._forward(ctx, x, labels, target, mask, softmax, tau, keep)
-
-    @staticmethod
-    def _forward(ctx, x, labels, target, mask, softmax, tau, keep):
-        dtype = compute_dtype(x)
-        batch, channels = x.shape[:2]
-        voxels = x[0, 0].numel()
-        weights = None if mask is None else mask.reshape(batch, 1, voxels).to(dtype)
-        sums = None if tau is None else x.new_zeros((batch, channels, 1), dtype=dtype)  # added to in place
         keep = keep and not torch.compiler.is_compiling()
-        log_probs = kept_sharpened = None
-        if softmax:
-            ce, log_probs, kept_sharpened = _softmax_forward(x, labels, target, weights, sums, tau, keep)
-        else:
-            ce = _sigmoid_forward(x, target, weights, sums, tau)
+        with torch.autocast(x.device.type, enabled=False):  # sums stay float32 under autocast
+            ce, sums, log_probs, kept_sharpened = _ce_and_marginals(x, labels, target, mask, softmax, tau, keep)
         ctx.save_for_backward(x, labels, target, mask)
         ctx.softmax, ctx.tau = softmax, tau
-        # an attribute, not a saved tensor: the backward consumes it in place
+        # attributes, not saved tensors: the backward consumes them in place
         ctx.log_probs = log_probs if keep else None
         ctx.sharpened = kept_sharpened if keep and sums is not None and softmax else None
-        return ce, None if sums is None else sums[..., 0]
+        return ce, sums
 
     @staticmethod
     def backward(ctx, grad_ce, grad_sums):
+        if torch.is_grad_enabled():  # create_graph=True: a gradient with second derivatives
+            x, labels, target, mask = ctx.saved_tensors
+            ctx.log_probs = ctx.sharpened = None
+            grad = differentiable_gradient(
+                lambda x: _ce_and_marginals(x, labels, target, mask, ctx.softmax, ctx.tau, keep=False)[:2],
+                x, (grad_ce, grad_sums))
+            return grad, None, None, None, None, None, None
         with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
             return _CrossEntropyAndMarginals._backward(ctx, grad_ce, grad_sums)
 
@@ -240,6 +269,22 @@ class _CrossEntropyAndMarginals(torch.autograd.Function):
             grad = torch.empty((batch, channels, voxels), dtype=dtype, device=x.device)
             _sigmoid_backward(grad, x, flat_target, weights, scale, tau_g, tau)
         return grad.view(x.shape).to(x.dtype), None, None, None, None, None, None
+
+
+def _ce_and_marginals(x, labels, target, mask, softmax, tau, keep):
+    """The forward of :class:`_CrossEntropyAndMarginals`: ``(Σ m CE, Σ m q (B, C) or None,
+    log-probabilities or None, the slices of q or None)``; differentiable by autograd when grad mode
+    is on (the double backward retraces it)."""
+    batch, channels = x.shape[:2]
+    voxels = x[0, 0].numel()
+    weights = None if mask is None else mask.reshape(batch, 1, voxels).to(compute_dtype(x))
+    sums = None if tau is None else x.new_zeros((batch, channels, 1), dtype=compute_dtype(x))  # added to in place
+    log_probs = kept_sharpened = None
+    if softmax:
+        ce, log_probs, kept_sharpened = _softmax_forward(x, labels, target, weights, sums, tau, keep)
+    else:
+        ce = _sigmoid_forward(x, target, weights, sums, tau)
+    return ce, None if sums is None else sums[..., 0], log_probs, kept_sharpened
 
 
 def _softmax_forward(x, labels, target, weights, sums, tau, keep):

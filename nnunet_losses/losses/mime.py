@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ._autograd import first_order_only
 from ._inputs import prepare
 from ._options import (
     ACTIVATIONS,
@@ -26,13 +27,19 @@ from ._options import (
 )
 from ._overlap_sums import overlap_sums
 from ._reductions import reduce_phi, voxel_count
-from .dice import PhiOptionsModule, dice_gradient_weights
+from .dice import PhiOptionsModule, _dice_gradient_weights
 from .distributed import all_reduce_sum, ddp_active, world_size
 
 REDUCTIONS = ("mean", "sum")
 # the negative mime is the mime with a = 1, b = 0 (float64 like every checked weight, see class_values)
 _NEGATIVE_MIME_A = torch.tensor(1.0, dtype=torch.float64)
 _NEGATIVE_MIME_B = torch.tensor(0.0, dtype=torch.float64)
+_NO_DOUBLE_BACKWARD = (
+    "dynamic_mime_loss: expected a first-order backward, got create_graph=True: its weights are taken without "
+    "gradient, so autograd's second derivative would not be the derivative of its gradient (the Phi-Dice "
+    "gradient); for a gradient penalty use phi_dice_loss with the same options (the same gradient, exact "
+    "second derivatives)"
+)
 
 
 def _check_mime_options(include_background, activation, reduction):
@@ -192,11 +199,11 @@ def _dynamic_mime(x, y, loss_mask, phi, eps, include_background, activation, ddp
             stats = tuple(all_reduce_sum(s) for s in stats)
         eps_phi = eps if phi in ("I", "BI") else eps[0]
         num_subsets = {"I": intersection.numel(), "CI": x.shape[0], "BI": intersection.shape[1], "BCI": 1}[phi]
-        a, b = dice_gradient_weights(*stats, epsilon=eps_phi, num_subsets=num_subsets)
+        a, b = _dice_gradient_weights(*stats, eps_phi, num_subsets)
         a, b = _to_batch_class(a, phi, intersection.shape), _to_batch_class(b, phi, intersection.shape)
         if gather:
             a, b = a * world_size(), b * world_size()
-    return (b * prediction - (a + b) * intersection).sum()
+    return first_order_only((b * prediction - (a + b) * intersection).sum(), _NO_DOUBLE_BACKWARD)
 
 
 def _to_batch_class(values: torch.Tensor, phi: str, shape) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._inputs import check_annotated, prepare
+from ._inputs import check_annotated, check_values, prepare
 from ._options import (
     ACTIVATIONS,
     ClassValues,
@@ -43,19 +43,17 @@ def _resolve_annotated(annotated, ground_truth, softmax: bool) -> torch.Tensor:
     elif softmax:
         contradiction = present & ~annotated
         contradiction[:, 0] = False
-        if torch.compiler.is_compiling():  # no host read in a compiled graph (it would break the graph)
-            torch._assert_async(~contradiction.any(), "annotated: expected every class with voxels in y to be "
-                                                      "marked annotated, got a class with voxels marked as not annotated")
-        elif bool(contradiction.any()):
-            sample, cls = (int(v) for v in contradiction.nonzero()[0])
-            raise ValueError(
-                f"annotated: expected every class with voxels in y to be marked annotated, got sample {sample} "
-                f"with voxels of class {cls} marked as not annotated"
-            )
+        check_values(~contradiction.any(), "annotated: expected every class with voxels in y to be marked annotated",
+                     lambda: _first_contradiction(contradiction))
     if softmax:
         annotated = annotated.clone()
         annotated[:, 0] = True
     return annotated
+
+
+def _first_contradiction(contradiction: torch.Tensor) -> str:
+    sample, cls = (int(v) for v in contradiction.nonzero()[0])
+    return f", got sample {sample} with voxels of class {cls} marked as not annotated"
 
 
 def _refuse_sigmoid(activation):
