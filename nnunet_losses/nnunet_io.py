@@ -22,14 +22,44 @@ import numpy as np
 PathLike = Union[str, os.PathLike]
 
 
+class UserInputError(ValueError):
+    """What a user gave (a file, a folder, an option, a dataset.json) is missing, invalid or inconsistent.
+
+    The ``nnunet-losses`` command reports it as one line on stderr with exit status 2, never a traceback;
+    any other exception is a bug and keeps its traceback. A ValueError, so callers catching those still do."""
+
+
 # ----------------------------------------------------------------------------------------------
 # dataset.json: labels, regions, output channels
 # ----------------------------------------------------------------------------------------------
+def read_json_file(path: PathLike, what: str):
+    """The JSON value in the file ``path``; a missing, unreadable or invalid file is a :class:`UserInputError`
+    naming ``what`` (e.g. ``"--groups"``) and the file."""
+    path = Path(path)
+    if not path.is_file():
+        got = "a folder" if path.is_dir() else "no file"
+        raise UserInputError(f"{what}: expected a JSON file, got {got} at {str(path)!r}")
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserInputError(f"{what}: expected a JSON file, got invalid JSON in {str(path)!r} ({error})") from None
+
+
+DATASET_JSON_KEYS = {"labels": Mapping, "file_ending": str}  # what our tools read from every dataset.json
+
+
 def load_dataset_json(source: Union[Mapping, PathLike]) -> Mapping:
-    """A dataset.json: ``source`` itself when it is one already (a mapping), else the file read."""
+    """A dataset.json: ``source`` itself when it is one already (a mapping), else the file read and
+    checked to hold nnU-Net's ``labels`` and ``file_ending``."""
     if isinstance(source, Mapping):
         return source
-    return json.loads(Path(source).read_text())
+    dataset_json = read_json_file(source, "dataset.json")
+    missing = [key for key, kind in DATASET_JSON_KEYS.items()
+               if not isinstance(dataset_json, Mapping) or not isinstance(dataset_json.get(key), kind)]
+    if missing:
+        raise UserInputError(f"dataset.json: expected nnU-Net's entries 'labels' (a mapping) and 'file_ending' "
+                             f"(e.g. '.nii.gz'), got no valid {' or '.join(map(repr, missing))} in {str(source)!r}")
+    return dataset_json
 
 
 def save_dataset_json(dataset_json: Mapping, folder: PathLike) -> None:
@@ -45,7 +75,11 @@ def label_manager_for(dataset_json: Mapping):
 
     if not isinstance(dataset_json, Mapping) or "labels" not in dataset_json:
         raise TypeError(f"dataset_json: expected a dataset.json dict with a 'labels' entry, got {type(dataset_json).__name__}")
-    return LabelManager(dataset_json["labels"], regions_class_order=dataset_json.get("regions_class_order"))
+    try:
+        return LabelManager(dataset_json["labels"], regions_class_order=dataset_json.get("regions_class_order"))
+    except (AssertionError, RuntimeError, ValueError, TypeError, KeyError) as error:  # nnU-Net checks with asserts too
+        raise UserInputError(f"dataset.json: expected 'labels' as nnU-Net defines them (background 0, labels or "
+                             f"regions), got {dataset_json['labels']!r} ({error or type(error).__name__})") from None
 
 
 def _label_key(label_or_region) -> tuple:
@@ -122,20 +156,20 @@ def channel_targets(label_map: np.ndarray, output_shape: Sequence[int],
     if label_map.ndim == len(output_shape) and label_map.shape[0] == 1:
         label_map = label_map[0]  # nnU-Net's readers give (1, *spatial)
     if label_map.shape != output_shape[1:]:
-        raise ValueError(f"ground truth: expected a label map of shape {output_shape[1:]} (the "
-                         f"probabilities' spatial shape), got {label_map.shape}")
+        raise UserInputError(f"ground truth: expected a label map of shape {output_shape[1:]} (the "
+                             f"probabilities' spatial shape), got {label_map.shape}")
     channels = output_channels(dataset_json, output_shape[0])
     values = channels.labels_or_regions
     if len(values) != output_shape[0]:
-        raise ValueError(f"probabilities: expected {len(values)} channels (dataset.json's "
-                         f"{'regions' if channels.activation == 'sigmoid' else 'labels'}), got {output_shape[0]}")
+        raise UserInputError(f"probabilities: expected {len(values)} channels (dataset.json's "
+                             f"{'regions' if channels.activation == 'sigmoid' else 'labels'}), got {output_shape[0]}")
     labels = np.rint(label_map).astype(np.int64)
     ignore_label = channels.ignore_label
     mask = None if ignore_label is None else labels != ignore_label
     if channels.activation == "softmax":
         unknown = sorted(set(np.unique(labels).tolist()) - set(values) - {ignore_label})
         if unknown:
-            raise ValueError(f"ground truth: expected labels in {values}, got values {unknown}")
+            raise UserInputError(f"ground truth: expected labels in {values}, got values {unknown}")
     target = np.stack([region_or_label_to_mask(labels, v) for v in values]).astype(np.float64)
     if mask is not None:
         target *= mask
@@ -154,11 +188,15 @@ def reader_writer_for(example_file: PathLike, dataset_json: Optional[Mapping] = 
     )
 
     example_file = str(example_file)
-    if dataset_json is not None:
-        return determine_reader_writer_from_dataset_json(dataset_json, example_file, verbose=False)()
-    ending = ".nii.gz" if example_file.endswith(".nii.gz") else os.path.splitext(example_file)[1]
-    return determine_reader_writer_from_file_ending(ending, example_file, allow_nonmatching_filename=True,
-                                                    verbose=False)()
+    try:
+        if dataset_json is not None:
+            return determine_reader_writer_from_dataset_json(dataset_json, example_file, verbose=False)()
+        ending = ".nii.gz" if example_file.endswith(".nii.gz") else os.path.splitext(example_file)[1]
+        return determine_reader_writer_from_file_ending(ending, example_file, allow_nonmatching_filename=True,
+                                                        verbose=False)()
+    except RuntimeError as error:  # nnU-Net has no reader for the file (ending)
+        raise UserInputError(f"file: expected one that nnU-Net's image readers read, got {example_file!r} "
+                             f"({error})") from None
 
 
 def read_segmentation(path: PathLike, dataset_json: Optional[Mapping] = None) -> tuple[np.ndarray, tuple]:
@@ -172,16 +210,38 @@ def read_segmentation(path: PathLike, dataset_json: Optional[Mapping] = None) ->
 
 def read_probabilities(path: PathLike) -> np.ndarray:
     """The ``(C, *spatial)`` probabilities (the image's array order) of a ``CASE.npz`` that
-    ``nnUNetv2_predict --save_probabilities`` writes."""
+    ``nnUNetv2_predict --save_probabilities`` writes, checked to be finite values in [0, 1]."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"probabilities: expected an nnU-Net .npz file, got {str(path)!r} "
                                 "(predict with --save_probabilities)")
-    with np.load(path) as data:
-        if "probabilities" not in data:
-            raise ValueError(f"probabilities: expected an .npz with the key 'probabilities' as nnU-Net writes, "
-                             f"got keys {list(data.keys())} in {path}")
-        return data["probabilities"]
+    try:
+        with np.load(path) as data:
+            if "probabilities" not in data:
+                raise UserInputError(f"probabilities: expected an .npz with the key 'probabilities' as nnU-Net "
+                                     f"writes, got keys {list(data.keys())} in {path}")
+            probabilities = data["probabilities"]
+    except (ValueError, OSError, EOFError) as error:
+        if isinstance(error, UserInputError):
+            raise
+        raise UserInputError(f"probabilities: expected an nnU-Net .npz file, got an unreadable {str(path)!r} "
+                             f"({error})") from None
+    _check_probabilities(probabilities, path)
+    return probabilities
+
+
+def _check_probabilities(probabilities: np.ndarray, path: Path) -> None:
+    if not np.issubdtype(probabilities.dtype, np.floating):
+        raise UserInputError(f"probabilities: expected floating-point values in [0, 1], got {probabilities.dtype} "
+                             f"in {str(path)!r}")
+    if probabilities.size == 0:
+        return
+    if np.isnan(probabilities).any():
+        raise UserInputError(f"probabilities: expected values in [0, 1], got NaN in {str(path)!r}")
+    low, high = float(probabilities.min()), float(probabilities.max())
+    if low < 0 or high > 1:
+        raise UserInputError(f"probabilities: expected values in [0, 1], got values in [{low}, {high}] "
+                             f"in {str(path)!r}")
 
 
 def read_prediction_properties(probabilities_file: PathLike) -> Optional[dict]:
@@ -220,11 +280,11 @@ def raw_folder() -> str:
     from nnunetv2.paths import nnUNet_raw
 
     if not nnUNet_raw.is_set():
-        raise ValueError("nnUNet_raw: expected the environment variable to point to nnU-Net's raw data folder, "
-                         "got it unset")
+        raise UserInputError("nnUNet_raw: expected the environment variable to point to nnU-Net's raw data folder, "
+                             "got it unset")
     root = nnUNet_raw.get()
     if not os.path.isdir(root):
-        raise ValueError(f"nnUNet_raw: expected an existing folder, got {root!r}")
+        raise UserInputError(f"nnUNet_raw: expected an existing folder, got {root!r}")
     return root
 
 
@@ -235,11 +295,11 @@ def raw_dataset_name(source: Union[str, int], raw_root: str) -> str:
     try:
         name = maybe_convert_to_dataset_name(source)
     except (RuntimeError, ValueError) as error:
-        raise ValueError(f"source: expected a dataset id or name found in nnUNet_raw ({raw_root}), got {source!r}: "
-                         f"{error}")
+        raise UserInputError(f"source: expected a dataset id or name found in nnUNet_raw ({raw_root}), got {source!r}: "
+                             f"{error}")
     if not os.path.isfile(os.path.join(raw_root, name, "dataset.json")):
-        raise ValueError(f"source: expected a raw dataset with a dataset.json in {os.path.join(raw_root, name)}, "
-                         "got none")
+        raise UserInputError(f"source: expected a raw dataset with a dataset.json in {os.path.join(raw_root, name)}, "
+                             "got none")
     return name
 
 
@@ -252,9 +312,67 @@ def datasets_with_id(dataset_id: int) -> list:
 
 def training_files(dataset_folder: PathLike, dataset_json: Mapping) -> dict:
     """Case identifier → ``{"images": [...], "label": ...}`` of a raw dataset's training cases, as
-    nnU-Net lists them (its ``imagesTr``/``labelsTr`` layout or the dataset.json's ``dataset`` entry)."""
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    nnU-Net lists them (its ``imagesTr``/``labelsTr`` layout or the dataset.json's ``dataset`` entry).
 
-    # a deep copy: nnU-Net's helper rewrites the 'dataset' entry's paths in place
-    files = get_filenames_of_train_images_and_targets(str(dataset_folder), copy.deepcopy(dataset_json))
-    return {str(case): entry for case, entry in files.items()}  # nnU-Net returns numpy strings
+    The ``imagesTr`` layout is listed with nnU-Net's own per-case matcher in this process: nnU-Net's
+    helper starts a multiprocessing pool for it, which hangs on Ctrl-C."""
+    from nnunetv2.utilities.utils import (
+        create_paths_fn,
+        get_filenames_of_train_images_and_targets,
+        get_identifiers_from_splitted_dataset_folder,
+    )
+
+    if "dataset" in dataset_json:
+        # a deep copy: nnU-Net's helper rewrites the 'dataset' entry's paths in place (no pool on this path)
+        files = get_filenames_of_train_images_and_targets(str(dataset_folder), copy.deepcopy(dataset_json))
+        return {str(case): entry for case, entry in files.items()}  # nnU-Net returns numpy strings
+    ending = dataset_json["file_ending"]
+    images_folder = os.path.join(dataset_folder, "imagesTr")
+    if not os.path.isdir(images_folder):
+        return {}
+    names = sorted(name for name in os.listdir(images_folder)
+                   if name.endswith(ending) and os.path.isfile(os.path.join(images_folder, name)))
+    return {str(case): {"images": create_paths_fn(images_folder, names, ending, str(case)),
+                        "label": os.path.join(dataset_folder, "labelsTr", str(case) + ending)}
+            for case in get_identifiers_from_splitted_dataset_folder(images_folder, ending)}
+
+
+# ----------------------------------------------------------------------------------------------
+# held-out cases and merged datasets' provenance
+# ----------------------------------------------------------------------------------------------
+CASE_SOURCES_KEY = "case_sources"  # dataset.json of a merged dataset: case identifier -> its source dataset
+
+
+def test_files(dataset_folder: PathLike, dataset_json: Mapping) -> dict:
+    """Case identifier → ``{"images": [...], "label": path or None}`` of a raw dataset's held-out cases
+    (``imagesTs``, with ``labelsTs`` where it has the case), as nnU-Net names their files; ``{}`` without
+    ``imagesTs``."""
+    from nnunetv2.utilities.utils import create_paths_fn, get_identifiers_from_splitted_dataset_folder
+
+    images, labels = os.path.join(dataset_folder, "imagesTs"), os.path.join(dataset_folder, "labelsTs")
+    if not os.path.isdir(images):
+        return {}
+    ending = dataset_json["file_ending"]
+    names = sorted(name for name in os.listdir(images) if name.endswith(ending) and not name.startswith("."))
+    found = {}
+    for case in get_identifiers_from_splitted_dataset_folder(images, ending):
+        label = os.path.join(labels, str(case) + ending)
+        found[str(case)] = {"images": create_paths_fn(images, names, ending, str(case)),
+                            "label": label if os.path.isfile(label) else None}
+    return found
+
+
+def case_sources(dataset_json: Mapping, identifiers: Optional[Sequence[str]] = None) -> Optional[dict]:
+    """A merged dataset's case → source table (dataset.json ``"case_sources"``), None without one; with
+    ``identifiers``, checked to name a source for each of them."""
+    table = dataset_json.get(CASE_SOURCES_KEY)
+    if table is None:
+        return None
+    if not isinstance(table, Mapping) or not all(isinstance(v, str) for v in table.values()):
+        raise TypeError(f"dataset.json '{CASE_SOURCES_KEY}': expected an object mapping case identifiers to "
+                        f"source dataset names, got {type(table).__name__}")
+    missing = sorted(set(identifiers or ()) - set(table))
+    if missing:
+        raise ValueError(f"dataset.json '{CASE_SOURCES_KEY}': expected a source for every training case, got "
+                         f"{len(missing)} without one, e.g. {missing[0]!r}")
+    return dict(table)

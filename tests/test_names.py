@@ -68,6 +68,7 @@ def resolve(name):
     ("eps1e-5,1e-3", "epsilon", (1e-5, 0.001)), ("bg0", "include_background", False),
     ("bg1", "include_background", True), ("sum", "reduction", "sum"), ("mean", "reduction", "mean"),
     ("epsbatches20", "epsilon_batches", 20), ("lam0.5", "lam", 0.5), ("tau5", "tau", 5.0),
+    ("srcsqrt", "source_sampling", "sqrt"), ("srcuniform", "source_sampling", "uniform"),
     ("sgd", "optimizer", "sgd"), ("adam", "optimizer", "adam"), ("adamw", "optimizer", "adamw"),
     ("lr3e-4", "lr", 3e-4), ("100ep", "epochs", 100), ("50it", "iterations", 50),
 ])

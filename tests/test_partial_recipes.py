@@ -28,6 +28,7 @@ def load_example(name: str):
 
 
 experiment = load_example("synthetic_experiment")
+merge_experiment = load_example("merge_experiment")
 recipes = load_example("recipes")
 optimizer_choice = load_example("optimizer_choice")
 
@@ -181,7 +182,8 @@ def test_adam_names_are_found_by_nnunet_and_combine_our_loss_with_nnunets_adam(m
 # the real-data recipes
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("recipe, option", [("acdc", "--acdc-folder"), ("brats", "--lgg-cases"),
-                                            ("label-marginal", "--msd-folder")])
+                                            ("label-marginal", "--msd-folder"),
+                                            ("decathlon-merge", "--msd-folders")])
 def test_every_recipe_has_a_help_naming_its_options(recipe, option, capsys):
     with pytest.raises(SystemExit) as exit_info:
         recipes.parse_args([recipe, "--help"])
@@ -307,3 +309,172 @@ def test_recipes_need_the_nnunet_folders(tmp_path, monkeypatch):
     acdc = fake_acdc(tmp_path / "ACDC", {"patient001": (1, 12)})
     with pytest.raises(SystemExit, match=r"nnUNet_preprocessed: expected the nnU-Net environment variable to be set"):
         recipes.main(["acdc", "--acdc-folder", str(acdc), "--dry-run"])
+
+
+# ----------------------------------------------------------------------------------------------
+# the Decathlon merge (liver, pancreas, spleen)
+# ----------------------------------------------------------------------------------------------
+DECATHLON_LABELS = {"Task03_Liver": {"0": "background", "1": "liver", "2": "cancer"},
+                    "Task07_Pancreas": {"0": "background", "1": "pancreas", "2": "cancer"},
+                    "Task09_Spleen": {"0": "background", "1": "spleen"}}
+
+
+def fake_decathlon(root: Path) -> list:
+    folders = []
+    for name, labels in DECATHLON_LABELS.items():
+        folder = fake_msd(root, name, [f"{name.split('_')[1].lower()}_{i}" for i in range(3)])
+        (folder / "dataset.json").write_text(json.dumps({"name": name.split("_")[1], "modality": {"0": "CT"},
+                                                         "labels": labels}))
+        folders.append(folder)
+    return folders
+
+
+def test_decathlon_merge_renames_the_shared_cancer_label_per_organ(tmp_path):
+    tasks = fake_decathlon(tmp_path)
+    labels = {f"Dataset{int(t.name[4:6]):03d}_{t.name[7:]}": recipes.decathlon_labels(t) for t in tasks}
+    assert labels["Dataset003_Liver"] == {"background": 0, "liver": 1, "cancer": 2}
+    assert recipes.decathlon_label_map(labels) == {"Dataset003_Liver": {"cancer": "liver_cancer"},
+                                                   "Dataset007_Pancreas": {"cancer": "pancreas_cancer"}}
+    with pytest.raises(ValueError, match=r"--msd-folders: expected Decathlon task folders such as Task03_Liver"):
+        recipes.decathlon_labels(tmp_path / "Liver")
+
+
+def test_decathlon_merge_dry_run_prints_every_command_and_writes_nothing(raw, tmp_path, capsys, monkeypatch):
+    tasks = fake_decathlon(tmp_path / "msd")
+    work = tmp_path / "work"
+    steps = recipes.main(["decathlon-merge", "--msd-folders", *map(str, tasks), "--dry-run", "--folds", "0",
+                          "--work-dir", str(work)])
+    out = capsys.readouterr().out
+    for task, dataset_id in zip(tasks, (3, 7, 9)):
+        assert f"nnUNetv2_convert_MSD_dataset -i {task} -overwrite_id {dataset_id}" in out
+    assert f"nnunet-losses merge 3 7 9 --target-id 600 --name LiverPancreasSpleen --label-map " \
+           f"{work / 'decathlon_label_map.json'}" in out
+    assert "nnUNetv2_plan_and_preprocess -d 600 3 7 9 -c 3d_fullres" in out
+    trained = [(s.command[1], s.command[5]) for s in steps if s.command and s.command[0] == "nnUNetv2_train"]
+    assert trained == [("Dataset600_LiverPancreasSpleen", "nnUNetTrainerMarginalDice_srcsqrt_adam"),
+                       ("Dataset600_LiverPancreasSpleen", "nnUNetTrainerLeafDice_srcsqrt_adam"),
+                       ("Dataset600_LiverPancreasSpleen", "nnUNetTrainer_adam"),
+                       ("Dataset003_Liver", "nnUNetTrainer_adam"), ("Dataset007_Pancreas", "nnUNetTrainer_adam"),
+                       ("Dataset009_Spleen", "nnUNetTrainer_adam")]
+    evaluated = [s.command for s in steps if s.command and s.command[:2] == ["nnunet-losses", "evaluate"]]
+    assert len(evaluated) == 3
+    assert all(str(raw / "Dataset600_LiverPancreasSpleen" / "case_sources.json") in c for c in evaluated)
+    assert not work.exists() and not list(raw.iterdir())
+    # every trained name resolves to a trainer with the settings it spells (nnU-Net's lookup)
+    from nnunet_losses.training.discovery import ENV_VAR, with_trainer_folder
+    from nnunet_losses.training.names import find_trainer
+
+    monkeypatch.setenv(ENV_VAR, with_trainer_folder(None))
+    assert find_trainer("nnUNetTrainerLeafDice_srcsqrt_adam").source_sampling == "sqrt"
+
+
+def test_decathlon_merge_options_are_checked(tmp_path):
+    tasks = fake_decathlon(tmp_path / "msd")
+    with pytest.raises(SystemExit, match=r"--source-ids: expected one id per --msd-folders \(3\), got 2"):
+        recipes.main(["decathlon-merge", "--msd-folders", *map(str, tasks), "--source-ids", "3", "7", "--dry-run"])
+    with pytest.raises(SystemExit, match=r"--msd-folders: expected at least two different Decathlon tasks, got 1"):
+        recipes.main(["decathlon-merge", "--msd-folders", str(tasks[0]), str(tasks[0]), "--dry-run"])
+
+
+def test_decathlon_merge_without_sampling_or_references(raw, tmp_path):
+    tasks = fake_decathlon(tmp_path / "msd")
+    steps = recipes.main(["decathlon-merge", "--msd-folders", *map(str, tasks[:2]), "--dry-run", "--folds", "1",
+                          "--source-sampling", "none", "--no-per-source", "--optimizer", "sgd"])
+    trained = [s.command[5] for s in steps if s.command and s.command[0] == "nnUNetv2_train"]
+    assert trained == ["nnUNetTrainerMarginalDice", "nnUNetTrainerLeafDice", "nnUNetTrainer"]
+    plan = next(s.command for s in steps if s.command and s.command[0] == "nnUNetv2_plan_and_preprocess")
+    assert plan == ["nnUNetv2_plan_and_preprocess", "-d", "600", "-c", "3d_fullres"]
+
+
+def test_splits_per_source_validate_the_same_cases_in_the_merged_and_the_source_datasets(tmp_path):
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    liver = [f"liver_{i}" for i in range(7)]
+    spleen = [f"spleen_{i}" for i in range(5)]
+    sources = {**{f"Liver_{c}": "Dataset003_Liver" for c in liver},
+               **{f"Spleen_{c}": "Dataset009_Spleen" for c in spleen},
+               "Liver_test_0": "Dataset003_Liver"}  # a held-out case: in no split
+    training = {c: [] for c in sources if "test" not in c}
+    prefixes = {"Dataset003_Liver": "Liver_", "Dataset009_Spleen": "Spleen_"}
+    merged_json = tmp_path / "dataset.json"
+    merged_json.write_text(json.dumps({"case_sources": sources, "annotated_labels": training,
+                                       "merged_from": {"prefixes": prefixes}}))
+    paths = {"merged": tmp_path / "merged.json", "Dataset003_Liver": tmp_path / "liver.json"}
+    recipes.splits_per_source(merged_json, paths)
+    merged, own = (json.loads(paths[k].read_text()) for k in ("merged", "Dataset003_Liver"))
+    assert own == generate_crossval_split(sorted(liver), 12345, 5)  # nnU-Net's own split of the source
+    assert not (tmp_path / "spleen.json").exists()
+    spleen_split = generate_crossval_split(sorted(spleen), 12345, 5)
+    for fold in range(5):
+        assert merged[fold]["val"] == [f"Liver_{c}" for c in own[fold]["val"]] + \
+            [f"Spleen_{c}" for c in spleen_split[fold]["val"]]
+        assert sorted(merged[fold]["train"] + merged[fold]["val"]) == sorted(c for c in sources if "test" not in c)
+
+
+# ----------------------------------------------------------------------------------------------
+# the merge experiment's data and runs (the training itself: a tiny run by hand, see the report)
+# ----------------------------------------------------------------------------------------------
+def test_merge_experiment_sources_annotate_their_subset_and_keep_full_test_labels(raw, tmp_path):
+    source = merge_experiment.SOURCES[2]  # OrganVessel: vessel 1, organ 2, no lesion
+    folder = merge_experiment.write_source(raw, tmp_path / "test", 970, source, num_training=5, num_test=2,
+                                           size=24, seed=3)
+    rng = np.random.default_rng(3)  # the same draws, to compare with what was written
+    for index in range(7):
+        image, labels = merge_experiment.body_case(rng, 24, source.contrast, 0.8 if index < 5 else 1.0)
+        case = f"organvessel_{index:03d}"
+        if index < 5:
+            written = read(folder / "labelsTr" / f"{case}.nii.gz")
+            expected = np.select([labels == 3, labels == 1], [1, 2], 0)  # the lesion reads as background
+        else:
+            written = read(tmp_path / "test" / "OrganVessel" / "labelsTs" / f"{case}.nii.gz")
+            expected = labels  # held-out: every structure, STRUCTURES' values
+            assert set(np.unique(labels)) == {0, 1, 2, 3}
+        np.testing.assert_array_equal(written, expected)
+    assert json.loads((folder / "dataset.json").read_text())["labels"] == {"background": 0, "vessel": 1, "organ": 2}
+    spacing = sitk.ReadImage(str(folder / "imagesTr" / "organvessel_000_0000.nii.gz")).GetSpacing()
+    assert spacing == pytest.approx(source.spacing)
+
+
+def test_merge_experiment_structure_dice_reads_each_models_label_values(tmp_path):
+    from nnunet_losses.commands.synthetic import _write
+
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "predictions").mkdir()
+    reference = np.zeros((32, 32), dtype=np.uint8)
+    reference[:8] = 1  # organ: 256 voxels
+    reference[8:12] = 3  # vessel: 128 voxels
+    prediction = np.zeros_like(reference)
+    prediction[:4] = 2  # the model's organ is its value 2: 128 voxels, all inside the organ
+    prediction[8:12] = 1  # its vessel, value 1: exact
+    _write(reference, tmp_path / "labels" / "a.nii.gz")
+    _write(prediction, tmp_path / "predictions" / "a.nii.gz")
+    scores = merge_experiment.structure_dice(tmp_path / "predictions", tmp_path / "labels",
+                                             {"background": 0, "vessel": 1, "organ": 2})
+    assert scores == {"organ": pytest.approx(2 * 128 / (128 + 256)), "vessel": 1.0}  # no lesion: not its label
+
+
+def test_merge_experiment_runs_name_the_sampling_optimizer_and_budget():
+    args = merge_experiment.parse_args(["--device", "cpu", "--epochs", "1", "--iterations", "2"])
+    sources = {"Dataset970_OrganLesion": merge_experiment.SOURCES[0]}
+    assert merge_experiment.runs_of(args, "Dataset973_SyntheticBody", sources) == [
+        ("MarginalDice", "Dataset973_SyntheticBody", "nnUNetTrainerMarginalDice_srcsqrt_adam_1ep_2it"),
+        ("LeafDice", "Dataset973_SyntheticBody", "nnUNetTrainerLeafDice_srcsqrt_adam_1ep_2it"),
+        ("naive merge (nnUNetTrainer)", "Dataset973_SyntheticBody", "nnUNetTrainer_adam_1ep_2it"),
+        ("OrganLesion only", "Dataset970_OrganLesion", "nnUNetTrainer_adam_1ep_2it")]
+    args = merge_experiment.parse_args(["--device", "cpu", "--source-sampling", "none", "--optimizer", "sgd",
+                                        "--no-per-source"])
+    assert [run[2] for run in merge_experiment.runs_of(args, "M", sources)] == [
+        "nnUNetTrainerMarginalDice_8ep_60it", "nnUNetTrainerLeafDice_8ep_60it", "nnUNetTrainer_8ep_60it"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cases", "5", "4", "5"], "--cases: expected at least 5 per source (nnU-Net's 5 folds), got [5, 4, 5]"),
+    (["--size", "16"], "--size: expected at least 24 voxels, got 16"),
+    (["--epochs", "0"], "--epochs: expected an int >= 1, got 0"),
+    (["--dataset-id", "998"], "--dataset-id: expected an ID in [1, 996]"),
+])
+def test_merge_experiment_arguments_are_checked(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        merge_experiment.parse_args(argv + ["--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

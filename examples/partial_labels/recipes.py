@@ -3,6 +3,8 @@
     python examples/partial_labels/recipes.py acdc --acdc-folder /data/ACDC --dry-run
     python examples/partial_labels/recipes.py brats --msd-folder /data/Task01_BrainTumour --lgg-cases lgg.txt
     python examples/partial_labels/recipes.py label-marginal --msd-folder /data/Task07_Pancreas
+    python examples/partial_labels/recipes.py decathlon-merge --msd-folders /data/Task03_Liver /data/Task07_Pancreas \
+        /data/Task09_Spleen --dry-run
     python examples/partial_labels/recipes.py <recipe> --help
 
 Each recipe prints every command before running it, so it doubles as documentation: ``--dry-run``
@@ -23,6 +25,14 @@ nnunet-losses developers (their argument handling and preparation steps are test
 ``label-marginal`` (Liu et al., Pancreas and Liver): ``nnUNetv2_convert_MSD_dataset``, then nnU-Net's
     CE-only trainer (``nnUNetTrainerCELoss``), ``nnUNetTrainerCEL1`` and ``nnUNetTrainerCEKL``, 5 folds
     each, compared with ``nnunet-losses report``.
+``decathlon-merge`` (Shi et al.'s marginal Dice, Tilborghs §2.1: one model from partially labelled
+    datasets): the Decathlon's liver, pancreas and spleen CTs converted, ``nnunet-losses merge``d into
+    one dataset (the two "cancer" labels renamed liver_cancer and pancreas_cancer), cross-validation
+    splits made per source (the same cases validate the merged and the per-source models), then 5
+    folds of marginal and leaf Dice (cases drawn per source, ``_srcsqrt``), nnU-Net's ``nnUNetTrainer``
+    on the naive merge (a label a dataset did not annotate reads as background) and one
+    ``nnUNetTrainer`` per source; the merged models' validation is evaluated per source
+    (``--groups case_sources.json``): a structure's Dice counts in the groups that annotate it.
 
 The nnU-Net environment variables (nnUNet_raw, nnUNet_preprocessed, nnUNet_results) must be set;
 ``nnUNet_extTrainer`` is set for the commands (printed first) so that nnU-Net finds our trainers; with
@@ -145,7 +155,8 @@ def train_evaluate_steps(args, source: str, partial: str, trainers: Sequence[str
     for dataset, trainer in runs:
         for fold in args.folds:
             fold_folder = results / dataset / f"{trainer}__nnUNetPlans__{args.configuration}" / f"fold_{fold}"
-            command = ["nnunet-losses", "evaluate", str(fold_folder / "validation"),
+            # a fold's validation holds its split's cases only: the other cases are missing on purpose
+            command = ["nnunet-losses", "evaluate", str(fold_folder / "validation"), "--allow-missing",
                        "--ground-truth", str(raw / source / "labelsTr"),
                        "--dataset-json", str(raw / source / "dataset.json"),
                        "-o", str(fold_folder / "validation_full_labels")]
@@ -242,7 +253,129 @@ def label_marginal_recipe(args) -> List[Step]:
     return steps
 
 
-RECIPES = {"acdc": acdc_recipe, "brats": brats_recipe, "label-marginal": label_marginal_recipe}
+DECATHLON_MERGE_TASKS = ("Task03_Liver", "Task07_Pancreas", "Task09_Spleen")
+NAIVE_MERGE_TRAINER = "nnUNetTrainer"  # nnU-Net's own: ignores annotated_labels, a missing label is background
+
+
+def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a merged-dataset study (the Decathlon recipe, merge_experiment.py): how marginal and
+    leaf Dice draw cases per source, and whether one reference model per source is trained."""
+    parser.add_argument("--source-sampling", choices=("sqrt", "uniform", "none"), default="sqrt",
+                        help="how the marginal and leaf Dice trainers draw training cases per source (the "
+                             "_src<mode> token; sqrt: MultiTalent's n^-1/2 per case; none: nnU-Net's uniform draw)")
+    parser.add_argument("--no-per-source", dest="per_source", action="store_false",
+                        help="skip the reference models, one nnUNetTrainer per source")
+
+
+def sampling_token(mode: str) -> str:
+    """The trainer-name token of ``--source-sampling`` (``_srcsqrt``), '' for none."""
+    return "" if mode == "none" else f"_src{mode}"
+
+
+def decathlon_labels(task: Path) -> dict:
+    """The label names and values of a Decathlon task folder's dataset.json (``{"0": "background", ...}``)."""
+    path = task / "dataset.json"
+    if not path.is_file() or not re.fullmatch(r"Task\d\d_\w+", task.name):
+        raise ValueError(f"--msd-folders: expected Decathlon task folders such as Task03_Liver with a dataset.json, "
+                         f"got {task}")
+    labels = json.loads(path.read_text()).get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise ValueError(f"{path}: expected the Decathlon's 'labels' {{\"0\": \"background\", ...}}, got {labels!r}")
+    return {name: int(value) for value, name in labels.items()}
+
+
+def decathlon_label_map(tasks: dict) -> dict:
+    """``nnunet-losses merge --label-map``: a label name that several tasks use (the Decathlon's "cancer") becomes
+    ``<organ>_<name>`` in each (``liver_cancer``); ``tasks`` maps converted dataset name -> its labels."""
+    names = [name for labels in tasks.values() for name, value in labels.items() if value != 0]
+    shared = {name for name in names if names.count(name) > 1}
+    return {dataset: {name: f"{dataset.split('_', 1)[1].lower()}_{name}" for name in labels if name in shared}
+            for dataset, labels in tasks.items() if shared & set(labels)}
+
+
+def splits_per_source(merged_dataset_json: Path, source_splits: dict, folds: int = 5, seed: int = 12345) -> None:
+    """nnU-Net's cross-validation split (its own ``generate_crossval_split``) made per source, so that a fold
+    validates the same cases in the merged dataset and in each source. ``source_splits``: where to write each
+    ``splits_final.json``, by source name (those listed) and ``"merged"``."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    dataset_json = json.loads(Path(merged_dataset_json).read_text())
+    prefixes = dataset_json["merged_from"]["prefixes"]
+    training = set(dataset_json["annotated_labels"])
+    merged = [{"train": [], "val": []} for _ in range(folds)]
+    for source, prefix in prefixes.items():
+        cases = sorted(case[len(prefix):] for case, s in dataset_json["case_sources"].items()
+                       if s == source and case in training)
+        own = generate_crossval_split(cases, seed, folds)
+        if source in source_splits:
+            write_json(own, source_splits[source])
+        for fold, split in enumerate(own):
+            for key in ("train", "val"):
+                merged[fold][key] += [prefix + case for case in split[key]]
+    write_json(merged, source_splits["merged"])
+
+
+def decathlon_sources(args) -> dict:
+    """Converted dataset name (``Dataset003_Liver``) -> ``(task folder, dataset id, labels)`` of each task."""
+    tasks = [Path(folder) for folder in args.msd_folders]
+    if args.source_ids is not None and len(args.source_ids) != len(tasks):
+        raise ValueError(f"--source-ids: expected one id per --msd-folders ({len(tasks)}), got {len(args.source_ids)}")
+    sources = {}
+    for task, dataset_id in zip(tasks, args.source_ids or [None] * len(tasks)):
+        labels = decathlon_labels(task)  # checks the folder's name too
+        dataset_id = int(task.name[4:6]) if dataset_id is None else dataset_id
+        sources[dataset_folder_name(dataset_id, task.name.split("_", 1)[1])] = (task, dataset_id, labels)
+    if len(sources) < 2:
+        raise ValueError(f"--msd-folders: expected at least two different Decathlon tasks, got {len(sources)}")
+    return sources
+
+
+def decathlon_merge_recipe(args) -> List[Step]:
+    sources = decathlon_sources(args)
+    raw, preprocessed, results = (env_folder(f"nnUNet_{n}") for n in ("raw", "preprocessed", "results"))
+    merged = dataset_folder_name(args.target_id, args.name)
+    label_map_file = Path(args.work_dir).resolve() / "decathlon_label_map.json"
+    label_map = decathlon_label_map({name: labels for name, (_, _, labels) in sources.items()})
+    ids = [str(dataset_id) for _, dataset_id, _ in sources.values()]
+    steps = [Step(f"convert {task.name} with nnU-Net's converter",
+                  ["nnUNetv2_convert_MSD_dataset", "-i", str(task), "-overwrite_id", str(dataset_id)])
+             for task, dataset_id, _ in sources.values()]
+    steps += [
+        Step(f"write the label map {label_map} to {label_map_file}",
+             action=lambda: write_json(label_map, label_map_file)),
+        Step("merge the tasks into one partially labelled dataset",
+             ["nnunet-losses", "merge", *ids, "--target-id", str(args.target_id), "--name", args.name,
+              "--label-map", str(label_map_file)]),
+        Step("plan and preprocess the merged dataset" + (" and the sources" if args.per_source else ""),
+             ["nnUNetv2_plan_and_preprocess", "-d", str(args.target_id), *(ids if args.per_source else []), "-c",
+              args.configuration]),
+        Step("cross-validation splits per source: the same cases validate every model",
+             action=lambda: splits_per_source(raw / merged / "dataset.json", {
+                 "merged": preprocessed / merged / "splits_final.json",
+                 **{name: preprocessed / name / "splits_final.json" for name in sources if args.per_source}})),
+    ]
+    runs = [(merged, trainer_name(t + sampling_token(args.source_sampling), args.optimizer))
+            for t in MISSING_LABEL_TRAINERS]
+    runs += [(merged, trainer_name(NAIVE_MERGE_TRAINER, args.optimizer))]
+    runs += [(name, trainer_name(NAIVE_MERGE_TRAINER, args.optimizer)) for name in sources if args.per_source]
+    for fold in args.folds:
+        for dataset, trainer in runs:
+            steps.append(Step(f"train {trainer} on {dataset}, fold {fold}",
+                              ["nnUNetv2_train", dataset, args.configuration, str(fold), "-tr", trainer,
+                               "-device", args.device]))
+    for dataset, trainer in runs[:3]:
+        for fold in args.folds:
+            fold_folder = results / dataset / f"{trainer}__nnUNetPlans__{args.configuration}" / f"fold_{fold}"
+            steps.append(Step(f"evaluate {trainer} fold {fold} per source", [
+                "nnunet-losses", "evaluate", str(fold_folder / "validation"), "--allow-missing", "--ground-truth",
+                str(raw / merged / "labelsTr"), "--dataset-json", str(raw / merged / "dataset.json"), "-o",
+                str(fold_folder / "validation_per_source"), "--groups", str(raw / merged / "case_sources.json"),
+                "--positive", next(iter(sources))]))
+    return steps
+
+
+RECIPES = {"acdc": acdc_recipe, "brats": brats_recipe, "label-marginal": label_marginal_recipe,
+           "decathlon-merge": decathlon_merge_recipe}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -283,6 +416,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     marginal.add_argument("--msd-folder", required=True, help="a Decathlon task folder: Task07_Pancreas or Task03_Liver")
     marginal.add_argument("--dataset-id", type=int, default=None, help="nnU-Net dataset id (default: the task number)")
     common(marginal)
+    decathlon = sub.add_parser("decathlon-merge", help="one model from the Decathlon's liver, pancreas and spleen "
+                               "(marginal / leaf Dice vs the naive merge vs one model per source)",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    decathlon.add_argument("--msd-folders", nargs="+", required=True, metavar="TASK_FOLDER",
+                           help="the Decathlon task folders to merge: " + ", ".join(DECATHLON_MERGE_TASKS))
+    decathlon.add_argument("--source-ids", nargs="+", type=int, default=None,
+                           help="dataset ids of the converted tasks (default: the task numbers, 3 7 9)")
+    decathlon.add_argument("--target-id", type=int, default=600, help="dataset id of the merged dataset")
+    decathlon.add_argument("--name", default="LiverPancreasSpleen", help="name of the merged dataset")
+    add_merge_arguments(decathlon)
+    common(decathlon)
+    add_optimizer_argument(decathlon)
     return parser.parse_args(argv)
 
 

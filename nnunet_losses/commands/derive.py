@@ -16,16 +16,16 @@ import fnmatch
 import json
 import os
 import shutil
-import sys
 import textwrap
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping, NoReturn, Optional, Sequence, Union
 
 import numpy as np
-from tqdm import tqdm
 
 from ..nnunet_io import (
+    UserInputError,
     datasets_with_id,
     load_dataset_json,
     raw_dataset_name,
@@ -36,9 +36,11 @@ from ..nnunet_io import (
 )
 from ..training.label_sets import ANNOTATED_LABELS_KEY, LabelResolver, validate_annotated_labels
 from .output import folder_renamed_into_place
-from ._subcommand import add_subcommand
+from ._subcommand import add_subcommand, progress as progress_bar, shown_items, user_input
 
 COMMAND = "derive-partial"
+# tests only: seconds to wait after each case written, so that a test can interrupt a run in the middle
+CASE_DELAY_VARIABLE = "NNUNET_LOSSES_TEST_CASE_DELAY_S"
 
 
 @dataclass
@@ -69,7 +71,7 @@ class Derivation:
 
 
 def _fail(message: str) -> NoReturn:
-    raise ValueError(message)
+    raise UserInputError(message)
 
 
 @dataclass(frozen=True)
@@ -120,13 +122,17 @@ def _select_cases(identifiers: list[str], cases_pattern, cases_file, fraction, s
         return selected
     if cases_file is not None:
         if not os.path.isfile(cases_file):
-            _fail(f"--cases-file: expected a file with one case identifier per line, got missing file {cases_file!r}")
-        with open(cases_file, encoding="utf-8") as handle:
-            listed = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+            got = "a folder" if os.path.isdir(cases_file) else "missing file"
+            _fail(f"--cases-file: expected a file with one case identifier per line, got {got} {cases_file!r}")
+        try:
+            with open(cases_file, encoding="utf-8") as handle:
+                listed = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+        except UnicodeDecodeError:
+            _fail(f"--cases-file: expected a text file with one case identifier per line, got binary {cases_file!r}")
         unknown = sorted(set(listed) - set(identifiers))
         if unknown:
             _fail(f"--cases-file: expected identifiers of the source's training cases, got unknown "
-                  f"{', '.join(map(repr, unknown[:5]))}" + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+                  f"{shown_items(map(repr, unknown))}")
         if not listed:
             _fail(f"--cases-file: expected at least one case identifier, got an empty file {cases_file!r}")
         wanted = set(listed)
@@ -185,11 +191,13 @@ def derive_partial_dataset(
     target_folder = os.path.join(source_dataset.raw_root, target)
     if os.path.exists(target_folder):
         _fail(f"target: expected a new dataset folder, got existing {target_folder}")
-    resolver = LabelResolver(source_dataset.dataset_json)
-    removed = _labels_to_remove(resolver, empty, remove_labels)
+    with user_input():
+        resolver = LabelResolver(source_dataset.dataset_json)
+        removed = _labels_to_remove(resolver, empty, remove_labels)
     files = _source_training_files(source_dataset)
     identifiers = sorted(files)
-    previous_sets = validate_annotated_labels(source_dataset.dataset_json, identifiers, resolver.label_manager)
+    with user_input(f"source {source_dataset.name}"):
+        previous_sets = validate_annotated_labels(source_dataset.dataset_json, identifiers, resolver.label_manager)
     selected = _select_cases(identifiers, cases_pattern, cases_file, fraction, seed)
     selection = ({"cases_pattern": cases_pattern} if cases_pattern is not None
                  else {"cases_file": os.path.abspath(cases_file)} if cases_file is not None
@@ -229,16 +237,38 @@ def _labels_to_remove(resolver: LabelResolver, empty: bool, remove_labels) -> fr
 
 
 def _source_training_files(source: _Source) -> dict:
-    """Case → its image and label files, checked to be there."""
+    """Case → its image and label files, checked to be there: every case has one image per channel
+    and a label, and (imagesTr/labelsTr layout) every file of those folders belongs to a case."""
     files = training_files(source.folder, source.dataset_json)
     if not files:
         _fail(f"source: expected training cases in {source.folder}, got none")
+    if "dataset" not in source.dataset_json:
+        _check_no_stray_files(source, files)
     missing = [path for case in sorted(files) for path in (*files[case]["images"], files[case]["label"])
                if not os.path.isfile(path)]
     if missing:
-        _fail(f"source: expected every training image and label file to exist, got {len(missing)} missing, "
-              f"e.g. {missing[0]}")
+        _fail(f"source: expected every training image and label file to exist, got {len(missing)} missing: "
+              + shown_items(missing))
+    channels = len(source.dataset_json.get("channel_names", source.dataset_json.get("modality", {})))
+    incomplete = [case for case in sorted(files) if channels and len(files[case]["images"]) != channels]
+    if incomplete:
+        _fail(f"source: expected {channels} image files (one per channel of dataset.json) per training case, got "
+              f"{len(files[incomplete[0]]['images'])} for {shown_items(incomplete)}")
     return files
+
+
+def _check_no_stray_files(source: _Source, files: Mapping) -> None:
+    """Every file of imagesTr and labelsTr with the file ending is an image or the label of a case."""
+    ending = source.dataset_json["file_ending"]
+    listed = {os.path.abspath(path) for entry in files.values() for path in (*entry["images"], entry["label"])}
+    kinds = {"labelsTr": "labels without images", "imagesTr": f"images of no case (named other than CASE_XXXX{ending})"}
+    for folder, kind in kinds.items():
+        path = os.path.join(source.folder, folder)
+        stray = sorted(name for name in (os.listdir(path) if os.path.isdir(path) else ())
+                       if name.endswith(ending) and os.path.abspath(os.path.join(path, name)) not in listed)
+        if stray:
+            _fail(f"source: expected every file of {folder} to belong to a training case, got {kind}: "
+                  + shown_items([os.path.join(path, name) for name in stray]))
 
 
 def _derived_dataset_json(source: _Source, resolver: LabelResolver, previous_sets: Mapping, selected: list,
@@ -262,13 +292,15 @@ def _derived_dataset_json(source: _Source, resolver: LabelResolver, previous_set
 
 
 def _write_training_cases(work: str, files: Mapping, identifiers: Sequence[str], chosen: set, removed: frozenset,
-                          reader_writer, file_ending: str, progress: bool) -> Counter:
+                          reader_writer, file_ending: str, show_progress: bool) -> Counter:
     """imagesTr/ and labelsTr/ in ``work``: images copied, the chosen cases' labels rewritten without
     ``removed``; returns the voxels set to background per label value."""
     os.makedirs(os.path.join(work, "imagesTr"))
     os.makedirs(os.path.join(work, "labelsTr"))
     removed_voxels: Counter = Counter()
-    for case in tqdm(identifiers, desc=COMMAND, unit="case", disable=not progress):
+    delay = float(os.environ.get(CASE_DELAY_VARIABLE, 0))
+    for case in progress_bar(identifiers, COMMAND, "case", show_progress):
+        time.sleep(delay)
         for channel, image in enumerate(files[case]["images"]):
             shutil.copy2(image, os.path.join(work, "imagesTr", f"{case}_{channel:04d}{file_ending}"))
         label_out = os.path.join(work, "labelsTr", case + file_ending)
@@ -286,20 +318,17 @@ def _write_training_cases(work: str, files: Mapping, identifiers: Sequence[str],
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        remove_labels = None
-        if args.remove_labels is not None:
-            # names or values: resolve a name first, so a label literally named "2" stays a name
+    remove_labels = None
+    if args.remove_labels is not None:
+        # names or values: resolve a name first, so a label literally named "2" stays a name
+        with user_input():
             resolver = LabelResolver(_source_dataset(args.source).dataset_json)
-            remove_labels = [parse_label(token, resolver) for token in args.remove_labels]
-        derivation = derive_partial_dataset(
-            args.source, args.target_id, remove_labels=remove_labels, empty=args.empty,
-            cases_pattern=args.cases_pattern, cases_file=args.cases_file, fraction=args.fraction, seed=args.seed,
-            target_name=args.target_name, progress=not args.no_progress,
-        )
-    except (ValueError, TypeError) as error:
-        print(f"nnunet-losses {COMMAND}: error: {error}", file=sys.stderr)
-        return 2
+        remove_labels = [parse_label(token, resolver) for token in args.remove_labels]
+    derivation = derive_partial_dataset(
+        args.source, args.target_id, remove_labels=remove_labels, empty=args.empty,
+        cases_pattern=args.cases_pattern, cases_file=args.cases_file, fraction=args.fraction, seed=args.seed,
+        target_name=args.target_name, progress=not args.no_progress,
+    )
     print(derivation.summary())
     return 0
 

@@ -30,18 +30,20 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ..nnunet_io import (
+    UserInputError,
     case_identifier,
     cases_with_probabilities,
     channel_targets,
     label_manager_for,
     load_dataset_json,
+    read_json_file,
     read_probabilities,
     read_segmentation,
     reader_writer_for,
     summary_class_names,
 )
-from .output import Table, markdown_table, pyplot, save_figure, write_json, write_markdown
-from ._subcommand import add_subcommand, print_done
+from .output import Table, files_moved_into_place, markdown_table, pyplot, save_figure, write_json, write_markdown
+from ._subcommand import add_subcommand, print_done, progress as progress_bar, shown_items
 
 COMMAND = "evaluate"
 DEFAULT_BINS = 15
@@ -56,7 +58,7 @@ def voxel_volume_ml(spacing: Sequence[float]) -> float:
     spacings: the pixel area in mm² / 1000)."""
     spacing = [float(v) for v in spacing]
     if not spacing or any(not math.isfinite(v) or v <= 0 for v in spacing):
-        raise ValueError(f"spacing: expected positive finite values in mm, got {spacing}")
+        raise UserInputError(f"spacing: expected positive finite values in mm, got {spacing}")
     return float(np.prod(spacing)) / 1000.0
 
 
@@ -90,12 +92,12 @@ def group_detection(scores: Mapping[str, float], groups: Mapping[str, str], posi
 
     known = sorted(set(groups.values()))
     if positive not in known:
-        raise ValueError(f"positive group: expected one of {known}, got {positive!r}")
+        raise UserInputError(f"positive group: expected one of {known}, got {positive!r}")
     cases = [c for c in scores if c in groups]
     truth = np.array([groups[c] == positive for c in cases], dtype=int)
     if truth.sum() == 0 or truth.sum() == len(truth):
-        raise ValueError(f"groups: expected cases of group {positive!r} and of other groups among the "
-                         f"{len(cases)} evaluated cases with a group, got {int(truth.sum())} positive")
+        raise UserInputError(f"groups: expected cases of group {positive!r} and of other groups among the "
+                             f"{len(cases)} evaluated cases with a group, got {int(truth.sum())} positive")
     values = np.array([scores[c] for c in cases], dtype=np.float64)
     values = values if higher_is_positive else -values
     fpr, tpr, thresholds = roc_curve(truth, values)
@@ -115,7 +117,7 @@ class CalibrationBins:
 
     def __init__(self, num_classes: int, num_bins: int = DEFAULT_BINS, class_names: Optional[Sequence[str]] = None):
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-            raise ValueError(f"num_bins: expected an int >= 1, got {num_bins!r}")
+            raise UserInputError(f"num_bins: expected an int >= 1, got {num_bins!r}")
         self.class_names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
         if len(self.class_names) != num_classes:
             raise ValueError(f"class_names: expected {num_classes} names, got {self.class_names}")
@@ -132,8 +134,8 @@ class CalibrationBins:
             raise ValueError(f"calibration: expected probabilities and targets of shape ({self.counts.shape[0]}, "
                              f"*spatial), got {probabilities.shape} and {target.shape}")
         if probabilities.size and (probabilities.min() < 0 or probabilities.max() > 1):
-            raise ValueError(f"calibration: expected probabilities in [0, 1], got values in "
-                             f"[{probabilities.min()}, {probabilities.max()}]")
+            raise UserInputError(f"calibration: expected probabilities in [0, 1], got values in "
+                                 f"[{probabilities.min()}, {probabilities.max()}]")
         for c in range(probabilities.shape[0]):
             p, y = probabilities[c], target[c]
             if mask is not None:
@@ -233,13 +235,16 @@ def nnunet_summary(pred_folder: PathLike, gt_folder: PathLike, dataset_json: Map
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
 
     file_ending = dataset_json["file_ending"]
-    predictions = sorted(p for p in os.listdir(pred_folder) if p.endswith(file_ending))
+    predictions = segmentation_files(pred_folder, file_ending, "predictions")
     if not predictions:
         raise FileNotFoundError(f"predictions: expected {file_ending} files in {str(pred_folder)!r}, got none")
     missing = [p for p in predictions if not os.path.isfile(os.path.join(gt_folder, p))]
     if missing:
         raise FileNotFoundError(f"ground truth: expected {missing[0]!r} (and {len(missing) - 1} more) in "
                                 f"{str(gt_folder)!r} for the predictions of {str(pred_folder)!r}")
+    if num_processes is not None and (isinstance(num_processes, bool) or not isinstance(num_processes, int)
+                                      or num_processes < 1):
+        raise UserInputError(f"--num-processes: expected an integer >= 1, got {num_processes!r}")
     manager = label_manager_for(dataset_json)
     labels_or_regions = manager.foreground_regions if manager.has_regions else manager.foreground_labels
     reader = reader_writer_for(os.path.join(pred_folder, predictions[0]), dataset_json)
@@ -248,23 +253,42 @@ def nnunet_summary(pred_folder: PathLike, gt_folder: PathLike, dataset_json: Map
                                      num_processes or min(default_num_processes, len(predictions)))
 
 
-def evaluate_summary(summary: Mapping, pred_folder: PathLike, dataset_json: Mapping,
-                     num_bins: int = DEFAULT_BINS, calibration: bool = True, progress: bool = True) -> FolderEvaluation:
-    """Per-case Dice and ΔV from an nnU-Net ``summary.json`` (as loaded by json), the spacing read from
-    the predictions in ``pred_folder``; calibration from ``pred_folder/<case>.npz`` when every case
-    has one and its reference file exists."""
-    from tqdm import tqdm
+def segmentation_files(folder: PathLike, file_ending: str, what: str) -> list:
+    """The names of the ``file_ending`` files in ``folder``, sorted; ``what`` names the folder in errors."""
+    if not os.path.isdir(folder):
+        got = "a file" if os.path.exists(folder) else "no folder"
+        raise UserInputError(f"{what}: expected a folder of {file_ending} segmentations, got {got} at {str(folder)!r}")
+    return sorted(p for p in os.listdir(folder) if p.endswith(file_ending) and os.path.isfile(os.path.join(folder, p)))
 
+
+def missing_predictions(pred_folder: PathLike, gt_folder: PathLike, file_ending: str, allow_missing: bool) -> list:
+    """The ground-truth cases without a prediction; an error naming them unless ``allow_missing``."""
+    predicted = set(segmentation_files(pred_folder, file_ending, "predictions"))
+    references = segmentation_files(gt_folder, file_ending, "ground truth")
+    missing = [case_identifier(name, file_ending) for name in references if name not in predicted]
+    if missing and not allow_missing:
+        raise UserInputError(f"predictions: expected one for every case of the ground truth {str(gt_folder)!r}, got "
+                             f"none for {len(missing)} of {len(references)}: {shown_items(missing)} (--allow-missing "
+                             "evaluates the others)")
+    return missing
+
+
+def evaluate_summary(summary: Mapping, pred_folder: PathLike, dataset_json: Mapping,
+                     num_bins: int = DEFAULT_BINS, calibration: bool = True, progress: bool = True,
+                     allow_missing: bool = False) -> FolderEvaluation:
+    """Per-case Dice and ΔV from an nnU-Net ``summary.json`` (as loaded by json), the spacing read from
+    the predictions in ``pred_folder``; calibration from ``pred_folder/<case>.npz`` when the cases have
+    them (some cases without one: an error naming them, or with ``allow_missing`` no calibration)."""
     file_ending = dataset_json["file_ending"]
-    per_case = summary["metric_per_case"]
-    if not per_case:
-        raise ValueError(f"summary: expected at least one case in 'metric_per_case' of {str(pred_folder)!r}")
+    per_case = summary.get("metric_per_case") if isinstance(summary, Mapping) else None
+    if not per_case or not isinstance(per_case, list):
+        raise UserInputError(f"summary: expected at least one case in 'metric_per_case' of {str(pred_folder)!r}")
     keys = list(per_case[0]["metrics"].keys())
     class_names = summary_class_names(dataset_json, keys)
     reader = None
     cases = []
-    for entry in tqdm(per_case, desc=f"evaluating {Path(pred_folder).parent.name}/{Path(pred_folder).name}",
-                      unit="case", disable=not progress or len(per_case) < 20):
+    for entry in progress_bar(per_case, f"evaluating {Path(pred_folder).parent.name}/{Path(pred_folder).name}", "case",
+                              progress and len(per_case) >= 20):
         case = case_identifier(entry["prediction_file"], file_ending)
         prediction = os.path.join(pred_folder, case + file_ending)  # the folder may have moved since
         if not os.path.isfile(prediction):
@@ -275,7 +299,7 @@ def evaluate_summary(summary: Mapping, pred_folder: PathLike, dataset_json: Mapp
                                   _physical_spacing(properties["spacing"])))
     evaluation = FolderEvaluation(str(pred_folder), class_names, cases)
     if calibration:
-        evaluation.calibration = _calibration(per_case, pred_folder, dataset_json, num_bins, progress)
+        evaluation.calibration = _calibration(per_case, pred_folder, dataset_json, num_bins, progress, allow_missing)
     return evaluation
 
 
@@ -301,14 +325,21 @@ def _physical_spacing(spacing: Sequence[float]) -> tuple:
     return spacing
 
 
-def _calibration(per_case, pred_folder, dataset_json, num_bins, progress) -> Optional[CalibrationBins]:
-    from tqdm import tqdm
-
-    items = cases_with_probabilities(per_case, pred_folder, dataset_json["file_ending"])
-    if len(items) < len(per_case):
-        return None  # calibration needs every case's probabilities and reference
+def _calibration(per_case, pred_folder, dataset_json, num_bins, progress, allow_missing) -> Optional[CalibrationBins]:
+    file_ending = dataset_json["file_ending"]
+    items = cases_with_probabilities(per_case, pred_folder, file_ending)
+    if not items:
+        return None  # predicted without --save_probabilities
+    if len(items) < len(per_case):  # calibration pools every case's voxels: all or nothing
+        found = {case for case, _, _ in items}
+        missing = [c for c in (case_identifier(e["prediction_file"], file_ending) for e in per_case) if c not in found]
+        if allow_missing:
+            return None
+        raise UserInputError(f"probabilities: expected a CASE.npz (and its reference) for every case of "
+                             f"{str(pred_folder)!r} or for none, got none for {len(missing)} of {len(per_case)}: "
+                             f"{shown_items(missing)} (--allow-missing leaves the calibration out)")
     bins = None
-    for case, npz, reference in tqdm(items, desc="calibration", unit="case", disable=not progress):
+    for case, npz, reference in progress_bar(items, "calibration", "case", progress and len(items) >= 20):
         probabilities = read_probabilities(npz)
         label_map, _ = read_segmentation(reference, dataset_json)
         targets = channel_targets(label_map, probabilities.shape, dataset_json)
@@ -332,23 +363,41 @@ def load_groups(source: Union[None, PathLike, Mapping]) -> Optional[dict]:
     """Case identifier → group, from a JSON file ``{"case_001": "LGG", ...}`` or a mapping."""
     if source is None:
         return None
+    where = ""
     if not isinstance(source, Mapping):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"groups: expected a JSON file mapping case identifiers to groups, got {str(path)!r}")
-        source = json.loads(path.read_text())
+        where = f" in {str(source)!r}"
+        source = read_json_file(source, "groups")
     if not isinstance(source, Mapping) or not all(isinstance(v, str) for v in source.values()):
-        raise ValueError('groups: expected a mapping {"case_001": "LGG", ...} of case identifiers to group names, '
-                         f"got {type(source).__name__}")
+        raise UserInputError('groups: expected a mapping {"case_001": "LGG", ...} of case identifiers to group names, '
+                             f"got {_json_kind(source)}{where}")
     return dict(source)
 
 
+def _json_kind(value) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping with values of type " + ", ".join(sorted({type(v).__name__ for v in value.values()}))
+    return type(value).__name__
+
+
 def load_groups_to_detect(source: Union[None, PathLike, Mapping], positive: Optional[str]) -> Optional[dict]:
-    """:func:`load_groups`, and with groups the group to detect, ``positive``, is required."""
+    """:func:`load_groups`, and with groups the group to detect, ``positive``, one of them, is required."""
     groups = load_groups(source)
-    if groups is not None and positive is None:
-        raise ValueError(f"positive: expected the group to detect, one of {sorted(set(groups.values()))}, got None")
+    if groups is not None and positive not in set(groups.values()):
+        raise UserInputError(f"positive: expected the group to detect, one of {sorted(set(groups.values()))}, "
+                             f"got {positive!r}")
     return groups
+
+
+def check_group_cases(groups: Optional[Mapping[str, str]], known_cases, source: Union[None, PathLike, Mapping],
+                      where: str) -> None:
+    """Every case of ``groups`` is one of ``known_cases`` (those of the ground truth ``where``)."""
+    if groups is None:
+        return
+    unknown = sorted(set(groups) - set(known_cases))
+    if unknown:
+        named = "" if isinstance(source, Mapping) else f" in {str(source)!r}"
+        raise UserInputError(f"groups: expected case identifiers of the {len(set(known_cases))} cases of {where}, got "
+                             f"unknown {shown_items(unknown)}{named}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,19 +480,36 @@ def evaluation_json(evaluation: FolderEvaluation, groups=None, detection=None) -
 def evaluate_folder(pred_folder: PathLike, gt_folder: PathLike, dataset_json: Union[Mapping, PathLike],
                     out_dir: PathLike, groups: Union[None, PathLike, Mapping] = None, positive: Optional[str] = None,
                     higher_is_positive: bool = True, num_bins: int = DEFAULT_BINS,
-                    num_processes: Optional[int] = None) -> dict:
+                    num_processes: Optional[int] = None, allow_missing: bool = False) -> dict:
     """Evaluate an nnU-Net prediction folder against a ground-truth folder and write to ``out_dir``:
     ``summary.json`` (nnU-Net's), ``metrics.json``, ``metrics.md`` and the PNGs (``roc.png`` with
-    groups, ``reliability.png`` with saved probabilities). Returns the paths and the evaluation."""
+    groups, ``reliability.png`` with saved probabilities). Returns the paths and the evaluation.
+
+    Every case of the ground truth needs a prediction (``allow_missing``: the others are evaluated and
+    the missing ones listed), every case of ``groups`` must be one of the ground truth. The files are
+    written out of sight and moved into ``out_dir`` at the end: a failure leaves nothing."""
     dataset_json = load_dataset_json(dataset_json)
-    groups = load_groups_to_detect(groups, positive)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    nnunet_summary(pred_folder, gt_folder, dataset_json, out_dir / "summary.json", num_processes)
-    summary = json.loads((out_dir / "summary.json").read_text())  # string keys, as in nnU-Net's validation folders
-    evaluation = evaluate_summary(summary, pred_folder, dataset_json, num_bins)
-    model = Path(pred_folder).name
-    paths = {"summary": out_dir / "summary.json"}
+    file_ending = dataset_json["file_ending"]
+    group_of_case = load_groups_to_detect(groups, positive)
+    missing = missing_predictions(pred_folder, gt_folder, file_ending, allow_missing)
+    references = segmentation_files(gt_folder, file_ending, "ground truth")
+    check_group_cases(group_of_case, [case_identifier(name, file_ending) for name in references], groups,
+                      f"the ground truth {str(gt_folder)!r}")
+    with files_moved_into_place(out_dir) as work:
+        nnunet_summary(pred_folder, gt_folder, dataset_json, work / "summary.json", num_processes)
+        summary = json.loads((work / "summary.json").read_text())  # string keys, as in nnU-Net's validation folders
+        evaluation = evaluate_summary(summary, pred_folder, dataset_json, num_bins, allow_missing=allow_missing)
+        outcome = _write_evaluation(evaluation, work, Path(pred_folder).name, group_of_case, positive,
+                                    higher_is_positive, missing)
+    outcome["paths"] = {"summary": Path(out_dir) / "summary.json",
+                        **{name: Path(out_dir) / path.name for name, path in outcome["paths"].items()}}
+    return outcome
+
+
+def _write_evaluation(evaluation: FolderEvaluation, out_dir: Path, model: str, groups: Optional[dict],
+                      positive: Optional[str], higher_is_positive: bool, missing: Sequence[str]) -> dict:
+    """The plots, ``metrics.md`` and ``metrics.json`` of an evaluation in ``out_dir``."""
+    paths = {}
     detection = None
     if groups is not None:
         detection = detections(evaluation, groups, positive, higher_is_positive)
@@ -452,11 +518,15 @@ def evaluate_folder(pred_folder: PathLike, gt_folder: PathLike, dataset_json: Un
         paths["reliability"] = plot_reliability({model: evaluation.calibration}, evaluation.class_names,
                                                 out_dir / "reliability.png")
     text = summary_table({model: evaluation.summary(groups)}, evaluation.class_names).markdown()
+    if missing:
+        text += (f"\n\nNot evaluated (no prediction, --allow-missing): {len(missing)} of "
+                 f"{len(missing) + len(evaluation.cases)} cases of the ground truth: {', '.join(missing)}")
     if detection:
         text += "\n\n" + markdown_table(["class", f"AUC detecting {positive} from the predicted volume"],
                                         [[n, f"{d.auc:.3f}"] for n, d in detection.items()])
     paths["table"] = write_markdown(text, out_dir / "metrics.md")
-    paths["metrics"] = write_json(evaluation_json(evaluation, groups, detection), out_dir / "metrics.json")
+    data = {**evaluation_json(evaluation, groups, detection), "missing_predictions": list(missing)}
+    paths["metrics"] = write_json(data, out_dir / "metrics.json")
     return {"paths": paths, "evaluation": evaluation, "detection": detection, "table": text}
 
 
@@ -474,11 +544,16 @@ def add_group_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a SMALL predicted volume indicates the positive group (default: a large one)")
     parser.add_argument("--bins", type=int, default=DEFAULT_BINS,
                         help=f"number of equal-width confidence bins of the calibration (default {DEFAULT_BINS})")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="when some cases (report: some folds) have no prediction, evaluate those that have "
+                             "one: the others are listed and n counts the evaluated ones; calibration is left out "
+                             "when some .npz are missing. Without it, a missing prediction is an error")
 
 
 def _run(args: argparse.Namespace) -> int:
     outcome = evaluate_folder(args.predictions, args.ground_truth, args.dataset_json, args.output, args.groups,
-                              args.positive, not args.lower_is_positive, args.bins, args.num_processes)
+                              args.positive, not args.lower_is_positive, args.bins, args.num_processes,
+                              args.allow_missing)
     return print_done(outcome["table"], *(f"wrote {name}: {path}" for name, path in outcome["paths"].items()))
 
 

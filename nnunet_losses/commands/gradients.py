@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import re
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,14 +54,15 @@ import torch.nn.functional as F
 import nnunet_losses as losses
 
 from ..nnunet_io import (
+    UserInputError,
     channel_targets,
     load_dataset_json,
     read_prediction_properties,
     read_probabilities,
     read_segmentation,
 )
-from .output import Table, pyplot, save_figure, write_json, write_markdown
-from ._subcommand import add_subcommand, print_done
+from .output import Table, files_moved_into_place, pyplot, save_figure, write_json, write_markdown
+from ._subcommand import add_subcommand, print_done, progress as progress_bar, user_input
 
 COMMAND = "gradients"
 PROBABILITY_FLOOR = 1e-12  # keeps log(s) and logit(s) finite on hard predictions
@@ -90,11 +92,11 @@ class GradientCase:
         if self.activation not in ("softmax", "sigmoid"):
             raise ValueError(f"activation: expected 'softmax' or 'sigmoid', got {self.activation!r}")
         if self.probabilities.ndim not in (3, 4):
-            raise ValueError(
+            raise UserInputError(
                 f"probabilities: expected shape (C, H, W) or (C, D, H, W), got {self.probabilities.shape}")
         if self.target.shape != self.probabilities.shape:
-            raise ValueError(f"ground truth: expected targets of shape {self.probabilities.shape} (the "
-                             f"probabilities'), got {self.target.shape}")
+            raise UserInputError(f"ground truth: expected targets of shape {self.probabilities.shape} (the "
+                                 f"probabilities'), got {self.target.shape}")
         if len(self.class_names) != self.probabilities.shape[0]:
             raise ValueError(f"class_names: expected {self.probabilities.shape[0]} names (one per channel), "
                              f"got {len(self.class_names)}")
@@ -289,8 +291,8 @@ def _negative_mime_form(options: dict) -> LossForm:
 
     def function(t: Tensors) -> torch.Tensor:
         if t.activation != "softmax":
-            raise ValueError("negative_mime: expected a softmax (label) case, got a region case: with independent "
-                             "regions -y·s has a trivial solution")
+            raise UserInputError("negative_mime: expected a softmax (label) case, got a region case: with independent "
+                                 "regions -y·s has a trivial solution")
         return region_form(t)
 
     form.function = function
@@ -330,22 +332,22 @@ GRADIENT_LOSSES: dict = {
 def _reject_unknown_options(name: str, options: dict, allowed: Sequence[str]) -> None:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"{name}: expected options among {sorted(allowed)}, got {unknown}")
+        raise UserInputError(f"{name}: expected options among {sorted(allowed)}, got {unknown}")
 
 
 def parse_loss_spec(spec: str) -> tuple[str, dict]:
     """``"name"`` or ``"name:key=value:key=value"`` (values as Python literals, e.g.
     ``phi_dice:phi='BI':epsilon=1e-5`` or ``mime:a=[0,1.9,1.9]``) -> ``(name, options)``."""
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"loss: expected 'name' or 'name:key=value:...', got {spec!r}")
+        raise UserInputError(f"loss: expected 'name' or 'name:key=value:...', got {spec!r}")
     name, *items = spec.split(":")
     if name not in GRADIENT_LOSSES:
-        raise ValueError(f"loss: expected one of {sorted(GRADIENT_LOSSES)}, got {name!r}")
+        raise UserInputError(f"loss: expected one of {sorted(GRADIENT_LOSSES)}, got {name!r}")
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"loss {name!r}: expected options as key=value, got {item!r}")
+            raise UserInputError(f"loss {name!r}: expected options as key=value, got {item!r}")
         try:
             options[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -359,7 +361,7 @@ def build_loss_form(spec: Union[str, tuple, LossForm]) -> LossForm:
         return spec
     name, options = parse_loss_spec(spec) if isinstance(spec, str) else spec
     if name not in GRADIENT_LOSSES:
-        raise ValueError(f"loss: expected one of {sorted(GRADIENT_LOSSES)}, got {name!r}")
+        raise UserInputError(f"loss: expected one of {sorted(GRADIENT_LOSSES)}, got {name!r}")
     form = GRADIENT_LOSSES[name](dict(options))
     if options and isinstance(spec, str):
         form.name = spec
@@ -445,12 +447,11 @@ class LossGradient:
 
 def compute_gradients(case: GradientCase, loss_specs: Sequence = DEFAULT_LOSSES) -> list:
     """:class:`LossGradient` for each loss spec (see :func:`parse_loss_spec`) on ``case``."""
-    from tqdm import tqdm
-
     forms = [build_loss_form(spec) for spec in loss_specs]
     results = []
-    for form in tqdm(forms, desc=f"gradients of {case.case_id}", unit="loss", disable=len(forms) < 3):
-        gradient, value = probability_gradient(form, case)
+    for form in progress_bar(forms, f"gradients of {case.case_id}", "loss", len(forms) >= 3):
+        with user_input(f"loss {form.name!r}"):  # the loss checks the options the user gave it
+            gradient, value = probability_gradient(form, case)
         convention = EXACT if case.activation == "sigmoid" else form.convention
         results.append(LossGradient(form.name, convention, value, gradient, class_statistics(gradient, case)))
     return results
@@ -511,11 +512,11 @@ def plot_gradients(case: GradientCase, results: Sequence[LossGradient], path: Un
     plt = pyplot()
     channel = default_channel(case) if channel is None else channel
     if not 0 <= channel < case.probabilities.shape[0]:
-        raise ValueError(f"channel: expected 0..{case.probabilities.shape[0] - 1}, got {channel}")
+        raise UserInputError(f"channel: expected 0..{case.probabilities.shape[0] - 1}, got {channel}")
     if case.probabilities.ndim == 4:
         slice_index = default_slice(case, channel) if slice_index is None else slice_index
         if not 0 <= slice_index < case.probabilities.shape[1]:
-            raise ValueError(f"slice: expected 0..{case.probabilities.shape[1] - 1}, got {slice_index}")
+            raise UserInputError(f"slice: expected 0..{case.probabilities.shape[1] - 1}, got {slice_index}")
         pick = (lambda a: a[slice_index])
     else:
         pick = (lambda a: a)
@@ -552,16 +553,24 @@ def plot_gradients(case: GradientCase, results: Sequence[LossGradient], path: Un
     return save_figure(fig, path, dpi)
 
 
+def file_stem(case_id: str) -> str:
+    """``gradients_<case>`` with the characters a file name cannot hold (``/``, ``\\``, ...) replaced by ``-``:
+    a case id such as ``<trainer>/fold_0_case_7`` names one file in the folder, not a subfolder."""
+    return "gradients_" + re.sub(r"[^\w.+=@-]", "-", case_id)
+
+
 def run_gradients(case: GradientCase, out_dir: Union[str, os.PathLike], loss_specs: Sequence = DEFAULT_LOSSES,
                   channel: Optional[int] = None, slice_index: Optional[int] = None) -> dict:
-    """Compute, plot and write ``gradients_<case>.png`` / ``.json`` / ``.md`` to ``out_dir``."""
+    """Compute, plot and write ``gradients_<case>.png`` / ``.json`` / ``.md`` to ``out_dir`` (which the
+    command line assembles out of sight: a failure leaves nothing)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     results = compute_gradients(case, loss_specs)
-    png = plot_gradients(case, results, out_dir / f"gradients_{case.case_id}.png", channel, slice_index)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = file_stem(case.case_id)
+    png = plot_gradients(case, results, out_dir / f"{stem}.png", channel, slice_index)
     table = gradient_table(results)
-    write_markdown(table, out_dir / f"gradients_{case.case_id}.md")
-    write_json(gradients_json(case, results), out_dir / f"gradients_{case.case_id}.json")
+    write_markdown(table, out_dir / f"{stem}.md")
+    write_json(gradients_json(case, results), out_dir / f"{stem}.json")
     return {"png": png, "table": table, "results": results}
 
 
@@ -574,23 +583,32 @@ def _channel_index(value: Optional[str], case: GradientCase) -> Optional[int]:
     if value in case.class_names:
         return case.class_names.index(value)
     try:
-        return int(value)
+        index = int(value)
     except ValueError:
-        raise ValueError(f"--class: expected a class name {case.class_names} or a channel index, got {value!r}")
+        index = -1
+    if not 0 <= index < len(case.class_names):
+        raise UserInputError(f"--class: expected a class name {case.class_names} or a channel index 0.."
+                             f"{len(case.class_names) - 1}, got {value!r}")
+    return index
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.synthetic:
         if args.probabilities or args.ground_truth:
-            raise SystemExit("nnunet-losses gradients: --synthetic takes no --probabilities/--ground-truth")
-        case = synthetic_gradient_case(size=args.size, seed=args.seed)
+            raise UserInputError("input: expected --synthetic or --probabilities with --ground-truth, got both")
+        with user_input():  # the synthetic case checks its size
+            case = synthetic_gradient_case(size=args.size, seed=args.seed)
     else:
         if not (args.probabilities and args.ground_truth):
-            raise SystemExit("nnunet-losses gradients: expected --probabilities and --ground-truth (or --synthetic)")
+            raise UserInputError("input: expected --probabilities and --ground-truth (or --synthetic), got "
+                                 + ("only --probabilities" if args.probabilities else
+                                    "only --ground-truth" if args.ground_truth else "neither"))
         case = load_prediction_case(args.probabilities, args.ground_truth, args.dataset_json)
-    outcome = run_gradients(case, args.output, args.loss or DEFAULT_LOSSES, _channel_index(args.class_, case),
-                            args.slice)
-    return print_done(outcome["table"], f"wrote {outcome['png']}")
+    loss_specs = [build_loss_form(spec) for spec in args.loss or DEFAULT_LOSSES]  # bad specs fail before writing
+    channel = _channel_index(args.class_, case)
+    with files_moved_into_place(args.output) as work:
+        outcome = run_gradients(case, work, loss_specs, channel, args.slice)
+    return print_done(outcome["table"], f"wrote {Path(args.output) / outcome['png'].name}")
 
 
 def register(subparsers) -> None:

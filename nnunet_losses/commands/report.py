@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import os
+import pickle
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +29,23 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from ..nnunet_io import cases_with_probabilities, load_dataset_json, read_probabilities, read_segmentation
-from .output import Table, pyplot, save_figure, write_json, write_markdown
-from ._subcommand import add_subcommand, print_done
+from ..nnunet_io import (
+    UserInputError,
+    case_identifier,
+    cases_with_probabilities,
+    load_dataset_json,
+    read_json_file,
+    read_probabilities,
+    read_segmentation,
+)
+from .output import Table, files_moved_into_place, pyplot, save_figure, write_json, write_markdown
+from ._subcommand import add_subcommand, print_done, progress as progress_bar
 from .evaluation import (
     DEFAULT_BINS,
     CalibrationBins,
     FolderEvaluation,
     add_group_arguments,
+    check_group_cases,
     detections,
     evaluate_summary,
     load_groups_to_detect,
@@ -81,11 +90,15 @@ def load_training_log(fold: PathLike) -> Optional[dict]:
         path = Path(fold) / name
         if path.is_file():
             # mmap: the network weights are not read into memory, only the small logging dict is used
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-            logging = checkpoint.get("logging")
+            try:
+                checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+                raise UserInputError(f"checkpoint: expected a checkpoint nnU-Net wrote, got an unreadable "
+                                     f"{str(path)!r} ({error})") from None
+            logging = checkpoint.get("logging") if isinstance(checkpoint, dict) else None
             if not isinstance(logging, dict):
-                raise ValueError(f"checkpoint: expected nnU-Net's 'logging' dict in {str(path)!r}, got "
-                                 f"{type(logging).__name__}")
+                raise UserInputError(f"checkpoint: expected nnU-Net's 'logging' dict in {str(path)!r}, got "
+                                     f"{type(logging).__name__}")
             logging = {k: list(v) for k, v in logging.items()}
             logging["_checkpoint"] = name
             return logging
@@ -115,16 +128,22 @@ class TrainedModel:
         return [f / "validation" for f in self.folds if (f / "validation" / "summary.json").is_file()]
 
 
-def load_model(path: PathLike, num_bins: int = DEFAULT_BINS, progress: bool = True) -> TrainedModel:
+def load_model(path: PathLike, num_bins: int = DEFAULT_BINS, progress: bool = True,
+               allow_missing: bool = False) -> TrainedModel:
+    """A trainer folder's folds, their validation pooled; some folds validated and others not is an error
+    naming those (``allow_missing``: the validated folds are pooled)."""
     folds = fold_folders(path)
     dataset_json = _dataset_json(folds[0])
+    validated = [fold for fold in folds if (fold / "validation" / "summary.json").is_file()]
+    if validated and len(validated) < len(folds) and not allow_missing:
+        unvalidated = ", ".join(str(fold) for fold in folds if fold not in validated)
+        raise UserInputError(f"trainer folder: expected validation/summary.json in every fold of {str(path)!r} to "
+                             f"pool, got none in {unvalidated} (--allow-missing pools the others)")
     evaluations = []
-    for fold in folds:
-        summary_file = fold / "validation" / "summary.json"
-        if summary_file.is_file():
-            summary = json.loads(summary_file.read_text())
-            evaluations.append(evaluate_summary(summary, fold / "validation", dataset_json, num_bins,
-                                                progress=progress))
+    for fold in validated:
+        summary = read_json_file(fold / "validation" / "summary.json", "validation summary")
+        evaluations.append(evaluate_summary(summary, fold / "validation", dataset_json, num_bins, progress=progress,
+                                            allow_missing=allow_missing))
     evaluation = _pool(evaluations) if evaluations else None
     logs = {fold.name: log for fold in folds if (log := load_training_log(fold)) is not None}
     trainer_folder = folds[0].parent if folds[0].name.startswith("fold_") else folds[0]
@@ -187,7 +206,7 @@ def _gradient_case(models: Sequence[TrainedModel], names: Sequence[str]):
 
     for model, name in zip(models, names):
         for folder in model.validation_folders:
-            summary = json.loads((folder / "summary.json").read_text())
+            summary = read_json_file(folder / "summary.json", "validation summary")
             found = cases_with_probabilities(summary["metric_per_case"], folder, model.dataset_json["file_ending"])
             if found:
                 case, npz, reference = found[0]
@@ -228,7 +247,7 @@ def write_report(trainer_folders: Sequence[PathLike], out_dir: PathLike,
                  groups: Union[None, PathLike, Mapping[str, str]] = None, positive: Optional[str] = None,
                  higher_is_positive: bool = True, num_bins: int = DEFAULT_BINS,
                  gradient_losses: Optional[Sequence] = ("ce", "dice", "mime"), title: Optional[str] = None,
-                 progress: bool = True) -> Report:
+                 progress: bool = True, allow_missing: bool = False) -> Report:
     """Compare trained nnU-Net models and write the report to ``out_dir``.
 
     Args:
@@ -243,15 +262,35 @@ def write_report(trainer_folders: Sequence[PathLike], out_dir: PathLike,
         num_bins: confidence bins of the calibration.
         gradient_losses: loss specs of the gradient panel (see ``nnunet-losses gradients``); None skips it.
         title: heading of the index page (default: the dataset name).
+        allow_missing: pool the validated folds of a trainer folder whose other folds have no validation
+            yet, and leave the calibration out where some validation cases have no ``.npz``.
+
+    Every input is checked before anything is written; the report is written out of sight and moved
+    into ``out_dir`` at the end, so a failure leaves nothing.
     """
     if not trainer_folders:
-        raise ValueError("trainer_folders: expected at least one nnU-Net trainer output folder, got none")
-    groups = load_groups_to_detect(groups, positive)
-    models = _load_models(trainer_folders, num_bins, progress)
+        raise UserInputError("trainer_folders: expected at least one nnU-Net trainer output folder, got none")
+    group_of_case = load_groups_to_detect(groups, positive)
+    if gradient_losses:
+        from .gradients import build_loss_form
+
+        for spec in gradient_losses:
+            build_loss_form(spec)  # a bad spec fails here, before any work
+    models = _load_models(trainer_folders, num_bins, progress, allow_missing)
     names = _short_names(models)
     _check_same_dataset(models, trainer_folders)
+    check_group_cases(group_of_case, _dataset_cases(models), groups, "the models' ground truth")
+    with files_moved_into_place(out_dir) as work:
+        report = _write_report_files(models, names, work, group_of_case, positive, higher_is_positive, num_bins,
+                                     gradient_losses, title)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return Report(out_dir, out_dir / report.index_md.name, out_dir / report.index_html.name, report.table,
+                  {name: out_dir / path.name for name, path in report.images.items()}, out_dir / report.metrics.name)
+
+
+def _write_report_files(models: Sequence[TrainedModel], names: Sequence[str], out_dir: Path,
+                        groups: Optional[Mapping[str, str]], positive: Optional[str], higher_is_positive: bool,
+                        num_bins: int, gradient_losses: Optional[Sequence], title: Optional[str]) -> Report:
     evaluated = {n: m.evaluation for n, m in zip(names, models) if m.evaluation is not None}
     class_names = next(iter(evaluated.values())).class_names if evaluated else []
 
@@ -277,11 +316,24 @@ def write_report(trainer_folders: Sequence[PathLike], out_dir: PathLike,
     return Report(out_dir, index_md, index_html, table_md, images, metrics_json)
 
 
-def _load_models(trainer_folders: Sequence[PathLike], num_bins: int, progress: bool) -> list:
-    from tqdm import tqdm
+def _load_models(trainer_folders: Sequence[PathLike], num_bins: int, progress: bool, allow_missing: bool) -> list:
+    return [load_model(p, num_bins, progress, allow_missing)
+            for p in progress_bar(trainer_folders, "reading models", "model", progress and len(trainer_folders) >= 2)]
 
-    return [load_model(p, num_bins, progress) for p in tqdm(trainer_folders, desc="reading models", unit="model",
-                                                           disable=not progress or len(trainer_folders) < 2)]
+
+def _dataset_cases(models: Sequence[TrainedModel]) -> set:
+    """The cases of the dataset as far as the models know it: those validated and those of the folders
+    of their references (nnU-Net's gt_segmentations, where every fold's references lie)."""
+    cases = set()
+    for model in models:
+        ending = model.dataset_json["file_ending"]
+        cases |= {case.case for case in (model.evaluation.cases if model.evaluation is not None else ())}
+        for folder in model.validation_folders:
+            summary = read_json_file(folder / "summary.json", "validation summary")
+            for reference_folder in {os.path.dirname(e["reference_file"]) for e in summary["metric_per_case"]}:
+                if os.path.isdir(reference_folder):
+                    cases |= {case_identifier(n, ending) for n in os.listdir(reference_folder) if n.endswith(ending)}
+    return cases
 
 
 def _dataset_name(model: TrainedModel) -> str:
@@ -375,8 +427,8 @@ def _check_same_dataset(models: Sequence[TrainedModel], folders: Sequence[PathLi
     reference = models[0].dataset_json.get("labels")
     for model, folder in zip(models[1:], folders[1:]):
         if model.dataset_json.get("labels") != reference:
-            raise ValueError(f"trainer folders: expected models of one dataset (labels {reference}), got labels "
-                             f"{model.dataset_json.get('labels')} in {str(folder)!r}")
+            raise UserInputError(f"trainer folders: expected models of one dataset (labels {reference}), got labels "
+                                 f"{model.dataset_json.get('labels')} in {str(folder)!r}")
 
 
 def _epochs(model: TrainedModel) -> str:
@@ -428,7 +480,7 @@ def _render_html(heading: str, sections: Sequence[Section]) -> str:
 def _run(args: argparse.Namespace) -> int:
     report = write_report(args.trainer_folders, args.output, args.groups, args.positive, not args.lower_is_positive,
                           args.bins, None if args.no_gradients else (args.gradient_loss or ("ce", "dice", "mime")),
-                          args.title)
+                          args.title, allow_missing=args.allow_missing)
     return print_done(report.table, f"wrote {report.index_html} and {report.index_md}")
 
 

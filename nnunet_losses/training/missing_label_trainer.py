@@ -1,16 +1,42 @@
 """The base of the missing-label trainers (marginal and leaf Dice): each training and validation batch
-hands its ``(B, C)`` table of annotated labels to the loss."""
+hands its ``(B, C)`` table of annotated labels to the loss; on a merged dataset (``nnunet-losses merge``)
+training cases can be drawn per source (:attr:`MissingLabelTrainer.source_sampling`)."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from collections import Counter
+from typing import Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
+from ..nnunet_io import CASE_SOURCES_KEY, case_sources
 from .label_sets import ANNOTATED_LABELS_KEY, AnnotatedTable, check_label_maps
+
+# per-case weight n_s ** -exponent for a case of a source with n_s training cases: "sqrt" (MultiTalent's
+# weighting: a source is drawn in proportion to sqrt(n_s)), "uniform" (every source equally often)
+SOURCE_SAMPLING_EXPONENTS = {"sqrt": 0.5, "uniform": 1.0}
+
+
+def source_sampling_probabilities(identifiers: Sequence[str], sources: Mapping[str, str], mode: str) -> np.ndarray:
+    """The probability of drawing each of ``identifiers`` (nnU-Net's ``sampling_probabilities``): a case of
+    a source with n training cases among ``identifiers`` weighs ``n ** -exponent`` (see
+    :data:`SOURCE_SAMPLING_EXPONENTS`), normalised to sum to 1.
+
+    >>> source_sampling_probabilities(["a1", "a2", "a3", "a4", "b1"], {"a1": "A", "a2": "A", "a3": "A",
+    ...                               "a4": "A", "b1": "B"}, "sqrt").round(3).tolist()
+    [0.167, 0.167, 0.167, 0.167, 0.333]
+
+    (weights 4 x 1/2 and 1 x 1: source A is drawn 2/3 of the time, sqrt(4) / (sqrt(4) + sqrt(1))).
+    """
+    if mode not in SOURCE_SAMPLING_EXPONENTS:
+        raise ValueError(f"source_sampling: expected None or one of {sorted(SOURCE_SAMPLING_EXPONENTS)}, got {mode!r}")
+    counts = Counter(sources[case] for case in identifiers)
+    weights = np.array([counts[sources[case]] ** -SOURCE_SAMPLING_EXPONENTS[mode] for case in identifiers])
+    return weights / weights.sum()
 
 
 class MissingLabelTrainer(nnUNetTrainer):
@@ -29,6 +55,10 @@ class MissingLabelTrainer(nnUNetTrainer):
 
     annotated_table: Optional[AnnotatedTable] = None  # None: no label sets, the losses' fallback
     batch_annotated: Optional[torch.Tensor] = None  # the current batch's table, set around each step
+    # None: nnU-Net's draw (every training case equally likely); "sqrt" / "uniform": cases drawn per source of
+    # a merged dataset (dataset.json "case_sources"), see source_sampling_probabilities
+    source_sampling: Optional[str] = None
+    _sampled_dataset = None  # the training split's dataset while get_dataloaders builds its loaders
 
     def on_train_start(self):
         # before nnU-Net's start (dataloaders, worker processes): bad label sets fail fast
@@ -70,6 +100,47 @@ class MissingLabelTrainer(nnUNetTrainer):
         self.print_to_log_file(
             f"Label maps checked against their label sets: {len(scanned)} partially annotated case(s) of fold "
             f"{self.fold} ({shown or 'none'}), no contradiction.")
+
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        self._sampled_dataset = dataset_tr
+        return dataset_tr, dataset_val
+
+    def get_dataloaders(self):
+        """nnU-Net's loaders; with :attr:`source_sampling` its training loader gets ``sampling_probabilities``
+        per source (nnU-Net's ``get_dataloaders`` builds both loaders itself: its ``nnUNetDataLoader`` is
+        replaced, during the call only, by one that adds them for the training split)."""
+        if self.source_sampling is None:
+            return super().get_dataloaders()
+        from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
+
+        original = trainer_module.nnUNetDataLoader
+
+        def data_loader(data, *args, **kwargs):
+            if data is self._sampled_dataset:
+                kwargs["sampling_probabilities"] = self._source_sampling_probabilities(list(data.identifiers))
+            return original(data, *args, **kwargs)
+
+        trainer_module.nnUNetDataLoader = data_loader
+        try:
+            return super().get_dataloaders()
+        finally:
+            trainer_module.nnUNetDataLoader = original
+            self._sampled_dataset = None
+
+    def _source_sampling_probabilities(self, identifiers: list) -> np.ndarray:
+        sources = case_sources(self.dataset_json, identifiers)
+        if sources is None:
+            raise ValueError(f"source_sampling: expected a merged dataset (dataset.json '{CASE_SOURCES_KEY}', "
+                             f"written by nnunet-losses merge), got a dataset.json without it")
+        probabilities = source_sampling_probabilities(identifiers, sources, self.source_sampling)
+        per_source = Counter()
+        for case, probability in zip(identifiers, probabilities):
+            per_source[sources[case]] += probability
+        shares = ", ".join(f"{name} {share:.3f} ({sum(sources[c] == name for c in identifiers)} cases)"
+                           for name, share in sorted(per_source.items()))
+        self.print_to_log_file(f"Training cases drawn per source ({self.source_sampling}): {shares}")
+        return probabilities
 
     @contextlib.contextmanager
     def _label_sets_of(self, batch: dict):

@@ -16,6 +16,9 @@ token               sets                        trainers
 ``epsbatches20``    ``epsilon_batches``         DiceIEps
 ``lam0.5``          ``lam``                     CEL1, CEKL
 ``tau5``            ``tau``                     CEL1, CEKL
+``srcsqrt`` /       ``source_sampling``: cases  Marginal, Leaf
+``srcuniform``      drawn per source of a
+                    merged dataset
 ``sgd`` / ``adam``  the optimizer: nnU-Net's    every trainer (nnU-Net's own too)
 / ``adamw``         SGD, ``Adam`` or ``AdamW``
                     (amsgrad), as nnU-Net's
@@ -117,6 +120,8 @@ TOKENS = (
           "batches the heuristic epsilon is estimated from"),
     _number_token("lam", "lam", "lam", "weight of the label-marginal penalty"),
     _number_token("tau", "tau", "tau", "temperature of the predicted proportions"),
+    Token("source_sampling", r"src(?P<value>sqrt|uniform)", str, lambda v: f"src{v}", "source_sampling",
+          "training cases drawn per source of a merged dataset: n^-1/2 or 1/n per case"),
     _word_token("optimizer", ("sgd", "adamw", "adam"), None, "nnU-Net's SGD, Adam or AdamW (amsgrad)"),
     _number_token("lr", "lr", None, "initial learning rate (poly schedule)"),
     Token("epochs", r"(?P<value>\d+)ep", int, lambda v: f"{v}ep", None, "epochs"),
@@ -170,7 +175,8 @@ def accepted_tokens(trainer: type) -> str:
         if token.key not in values:
             continue
         value = values[token.key]
-        now = "set by the trainer" if value is None else f"now {_spell_value(token, value)}"
+        set_by_trainer = value is None and token.attribute is None  # a run setting the trainer itself sets
+        now = "set by the trainer" if set_by_trainer else f"now {_spell_value(token, value)}"
         lines.append(f"  {token_form(token):<14} {token.describe} ({now})")
     return "\n".join(lines)
 
@@ -178,7 +184,8 @@ def accepted_tokens(trainer: type) -> str:
 def token_form(token: Token) -> str:
     """The token's form for people: ``a<v>``, ``bg0|bg1``, ``<E>ep``."""
     forms = {"include_background": "bg0|bg1", "reduction": "sum|mean", "optimizer": "sgd|adam|adamw",
-             "epochs": "<E>ep", "iterations": "<I>it", "epsilon_batches": "epsbatches<N>"}
+             "epochs": "<E>ep", "iterations": "<I>it", "epsilon_batches": "epsbatches<N>",
+             "source_sampling": "srcsqrt|srcuniform"}
     if token.key in forms:
         return forms[token.key]
     prefix = token.pattern.split("(?P<value>")[0]
