@@ -64,6 +64,16 @@ def one_hot():
     return one_hot_of
 
 
+@pytest.fixture
+def raw(tmp_path, monkeypatch) -> Path:
+    """Empty nnUNet_raw / nnUNet_preprocessed / nnUNet_results under ``tmp_path``, set in the environment for
+    this test; returns the nnUNet_raw folder."""
+    for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / variable).mkdir()
+        monkeypatch.setenv(variable, str(tmp_path / variable))
+    return tmp_path / "nnUNet_raw"
+
+
 @pytest.fixture(scope="module")
 def single_threaded():
     """One intra-op thread for a module of tests on tiny tensors: they gain nothing from threads, and on a

@@ -20,7 +20,7 @@ import pytest
 from nnunet_losses.commands import cli
 from nnunet_losses.commands.derive import CASE_DELAY_VARIABLE
 from nnunet_losses.commands.output import WORK_FOLDER_MARK
-from test_derive import make_dataset, raw  # noqa: F401  (raw: a fixture)
+from test_derive import make_dataset
 from test_diagnostics import random_case, write_nnunet_prediction
 from test_evaluation import DATASET_JSON, PREDICTIONS, REFERENCES, uniform_probabilities, write_prediction_folder
 from test_report import two_models, written_models  # noqa: F401  (fixtures)
@@ -291,7 +291,7 @@ def derive(*extra, **options):
     (lambda folder: shutil.copy(os.path.join(folder, "imagesTr", "case_003_0001.nii.gz"), os.path.join(folder, "cases")),
      ["--cases-file", "{source}/cases"], ["--cases-file: expected a text file with one case identifier per line, got binary"]),
 ])
-def test_derive_user_errors_are_one_line_and_write_nothing(raw, edit, options, fragments):  # noqa: F811
+def test_derive_user_errors_are_one_line_and_write_nothing(raw, edit, options, fragments):
     source = make_dataset(raw, 10, "Toy", test_set=False)
     edit(source)
     before = listing(Path(raw))
@@ -308,7 +308,7 @@ def _drop_file_ending(folder: str) -> None:
         json.dump(dataset_json, handle)
 
 
-def test_derive_into_a_read_only_nnunet_raw(raw, monkeypatch, capsys):  # noqa: F811
+def test_derive_into_a_read_only_nnunet_raw(raw, monkeypatch, capsys):
     # root writes anywhere, so the refusal of a read-only folder is played by mkdtemp, where it would come
     make_dataset(raw, 10, "Toy", test_set=False)
 
@@ -320,7 +320,7 @@ def test_derive_into_a_read_only_nnunet_raw(raw, monkeypatch, capsys):  # noqa: 
     err = capsys.readouterr().err.splitlines()
     assert code == 2 and len(err) == 1
     assert err[0] == (f"nnunet-losses derive-partial: error: target: expected a folder you can write in, got "
-                      f"{raw!r} (Permission denied)")
+                      f"{str(raw)!r} (Permission denied)")
 
 
 def work_folders(raw: str) -> list:
@@ -342,7 +342,7 @@ def start_slow_derivation(raw: str) -> subprocess.Popen:
 
 @pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"),
                                                 (signal.SIGTERM, 143, "terminated")])
-def test_an_interrupted_derivation_ends_promptly_and_leaves_nothing(raw, signum, code, word):  # noqa: F811
+def test_an_interrupted_derivation_ends_promptly_and_leaves_nothing(raw, signum, code, word):
     make_dataset(raw, 10, "Toy", test_set=False)
     process = start_slow_derivation(raw)
     time.sleep(0.3)
@@ -355,7 +355,7 @@ def test_an_interrupted_derivation_ends_promptly_and_leaves_nothing(raw, signum,
     assert os.listdir(raw) == ["Dataset010_Toy"]
 
 
-def test_left_overs_of_a_killed_derivation_are_removed_by_the_next_run(raw):  # noqa: F811
+def test_left_overs_of_a_killed_derivation_are_removed_by_the_next_run(raw):
     make_dataset(raw, 10, "Toy", test_set=False)
     process = start_slow_derivation(raw)
     process.kill()  # SIGKILL: no cleanup is possible, the work folder stays
@@ -367,7 +367,7 @@ def test_left_overs_of_a_killed_derivation_are_removed_by_the_next_run(raw):  # 
     assert sorted(os.listdir(raw)) == ["Dataset010_Toy", "Dataset011_Toy_partial"]
 
 
-def test_the_training_files_are_listed_without_a_process_pool(raw, monkeypatch):  # noqa: F811
+def test_the_training_files_are_listed_without_a_process_pool(raw, monkeypatch):
     # nnU-Net's own listing starts a multiprocessing pool, which hangs on Ctrl-C
     import multiprocessing
     import multiprocessing.pool
@@ -387,7 +387,7 @@ def test_the_training_files_are_listed_without_a_process_pool(raw, monkeypatch):
                                  "label": os.path.join(source, "labelsTr", "case_004.nii.gz")}
 
 
-def test_what_derive_writes_gets_the_modes_of_the_umask(raw):  # noqa: F811
+def test_what_derive_writes_gets_the_modes_of_the_umask(raw):
     source = make_dataset(raw, 10, "Toy")
     for root, folders, files in os.walk(source):  # the source's own modes must not be copied
         for name in files:

@@ -77,14 +77,6 @@ def load(folder):
 
 
 @pytest.fixture
-def raw(tmp_path, monkeypatch):
-    for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.makedirs(tmp_path / variable)
-        monkeypatch.setenv(variable, str(tmp_path / variable))
-    return str(tmp_path / "nnUNet_raw")
-
-
-@pytest.fixture
 def acdc(raw):
     return make_dataset(raw, 10, "Toy")
 

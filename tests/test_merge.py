@@ -72,14 +72,6 @@ def dataset_json_of(folder: Path) -> dict:
 
 
 @pytest.fixture
-def raw(tmp_path, monkeypatch) -> Path:
-    for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (tmp_path / variable).mkdir()
-        monkeypatch.setenv(variable, str(tmp_path / variable))
-    return tmp_path / "nnUNet_raw"
-
-
-@pytest.fixture
 def three(raw):
     """Liver (liver, tumour), Spleen (spleen) and SpleenLiver (spleen 1, liver 2: other values, same names)."""
     return (make_dataset(raw, 1, "Liver", LIVER, seed=1), make_dataset(raw, 2, "Spleen", SPLEEN, seed=2),

@@ -37,14 +37,6 @@ def read(path: Path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
-@pytest.fixture
-def raw(tmp_path, monkeypatch) -> Path:
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (tmp_path / name).mkdir()
-        monkeypatch.setenv(name, str(tmp_path / name))
-    return tmp_path / "nnUNet_raw"
-
-
 # ----------------------------------------------------------------------------------------------
 # the synthetic experiment's data
 # ----------------------------------------------------------------------------------------------
