@@ -9,7 +9,9 @@ version changes one file. nnunetv2 is imported inside the functions: importing t
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import os
 import pickle
@@ -188,12 +190,15 @@ def reader_writer_for(example_file: PathLike, dataset_json: Optional[Mapping] = 
     )
 
     example_file = str(example_file)
+    # nnU-Net tries its readers on the example file and prints the traceback of each one that fails,
+    # verbose or not: kept off the user's stderr (the error below says what went wrong)
     try:
-        if dataset_json is not None:
-            return determine_reader_writer_from_dataset_json(dataset_json, example_file, verbose=False)()
-        ending = ".nii.gz" if example_file.endswith(".nii.gz") else os.path.splitext(example_file)[1]
-        return determine_reader_writer_from_file_ending(ending, example_file, allow_nonmatching_filename=True,
-                                                        verbose=False)()
+        with contextlib.redirect_stderr(io.StringIO()):
+            if dataset_json is not None:
+                return determine_reader_writer_from_dataset_json(dataset_json, example_file, verbose=False)()
+            ending = ".nii.gz" if example_file.endswith(".nii.gz") else os.path.splitext(example_file)[1]
+            return determine_reader_writer_from_file_ending(ending, example_file, allow_nonmatching_filename=True,
+                                                            verbose=False)()
     except RuntimeError as error:  # nnU-Net has no reader for the file (ending)
         raise UserInputError(f"file: expected one that nnU-Net's image readers read, got {example_file!r} "
                              f"({error})") from None
@@ -204,8 +209,33 @@ def read_segmentation(path: PathLike, dataset_json: Optional[Mapping] = None) ->
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ground truth: expected a segmentation file, got {path!r}")
-    segmentation, properties = reader_writer_for(path, dataset_json).read_seg(path)
+    segmentation, properties = read_label_file(reader_writer_for(path, dataset_json), path)
     return segmentation[0], tuple(float(v) for v in properties["spacing"])
+
+
+def read_label_file(reader_writer, path: PathLike):
+    """``reader_writer.read_seg(path)``, a file the image library cannot read being the user's error."""
+    with _readable(path, reader_writer):
+        return reader_writer.read_seg(str(path))
+
+
+def read_image_files(reader_writer, paths):
+    """``reader_writer.read_images(paths)`` (one case's channel files), likewise."""
+    with _readable(", ".join(map(str, paths)), reader_writer):
+        return reader_writer.read_images([str(p) for p in paths])
+
+
+@contextlib.contextmanager
+def _readable(what, reader_writer):
+    # only around the read itself: SimpleITK / nibabel / tifffile raise RuntimeError, OSError, ValueError or
+    # EOFError for a truncated or foreign file, which is the user's to fix; anything else stays a bug
+    try:
+        yield
+    except (RuntimeError, OSError, ValueError, EOFError) as error:
+        detail = " ".join(str(error).split())
+        detail = detail if len(detail) <= 200 else detail[:197] + "..."
+        raise UserInputError(f"{what}: expected an image file nnU-Net's {type(reader_writer).__name__} can read, "
+                             f"got {type(error).__name__}: {detail}") from None
 
 
 def read_probabilities(path: PathLike) -> np.ndarray:

@@ -110,6 +110,13 @@ def test_evaluate_checks_the_groups_before_writing(evaluation_inputs, groups, fr
     assert listing(inputs / "results") == []
 
 
+def test_evaluate_names_a_prediction_it_cannot_read(evaluation_inputs):
+    (evaluation_inputs / "pred" / "case_a.nii.gz").write_bytes(b"not an image")
+    assert_user_error(evaluate(evaluation_inputs, "--allow-missing"), "evaluate",
+                      "expected one that nnU-Net's image readers read", "case_a.nii.gz")
+    assert listing(evaluation_inputs / "results") == []
+
+
 def test_evaluate_user_errors_are_one_line(evaluation_inputs):
     inputs = evaluation_inputs
     (inputs / "empty").mkdir()
@@ -286,6 +293,8 @@ def derive(*extra, **options):
                                 os.path.join(folder, "imagesTr", "case_003_01.nii.gz")), ["--cases-pattern", "*"],
      ["images of no case", "imagesTr/case_003_01.nii.gz"]),
     (lambda folder: _drop_file_ending(folder), ["--cases-pattern", "*"], ["no valid 'file_ending'", "dataset.json"]),
+    (lambda folder: Path(folder, "labelsTr", "case_002.nii.gz").write_bytes(b"not an image"), ["--cases-pattern", "*"],
+     ["labelsTr/case_002.nii.gz: expected an image file nnU-Net's", "can read, got"]),
     (lambda folder: os.makedirs(os.path.join(folder, "cases")), ["--cases-file", "{source}/cases"],
      ["--cases-file: expected a file with one case identifier per line, got a folder"]),
     (lambda folder: shutil.copy(os.path.join(folder, "imagesTr", "case_003_0001.nii.gz"), os.path.join(folder, "cases")),

@@ -25,14 +25,15 @@ from typing import Mapping, NoReturn, Optional, Sequence, Union
 import numpy as np
 
 from ..nnunet_io import (
-    UserInputError,
     datasets_with_id,
     load_dataset_json,
     raw_dataset_name,
     raw_folder,
+    read_label_file,
     reader_writer_for,
     save_dataset_json,
     training_files,
+    UserInputError,
 )
 from ..training.label_sets import ANNOTATED_LABELS_KEY, LabelResolver, validate_annotated_labels
 from .output import folder_renamed_into_place
@@ -307,7 +308,7 @@ def _write_training_cases(work: str, files: Mapping, identifiers: Sequence[str],
         if case not in chosen:
             shutil.copy2(files[case]["label"], label_out)
             continue
-        segmentation, properties = reader_writer.read_seg(files[case]["label"])
+        segmentation, properties = read_label_file(reader_writer, files[case]["label"])
         segmentation = np.rint(segmentation).astype(np.int32)
         hit = np.isin(segmentation, sorted(removed))
         values, counts = np.unique(segmentation[hit], return_counts=True)

@@ -30,17 +30,18 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ..nnunet_io import (
-    UserInputError,
     case_identifier,
     cases_with_probabilities,
     channel_targets,
     label_manager_for,
     load_dataset_json,
     read_json_file,
+    read_label_file,
     read_probabilities,
     read_segmentation,
     reader_writer_for,
     summary_class_names,
+    UserInputError,
 )
 from .output import Table, files_moved_into_place, markdown_table, pyplot, save_figure, write_json, write_markdown
 from ._subcommand import add_subcommand, print_done, progress as progress_bar, shown_items
@@ -294,7 +295,7 @@ def evaluate_summary(summary: Mapping, pred_folder: PathLike, dataset_json: Mapp
         if not os.path.isfile(prediction):
             raise FileNotFoundError(f"prediction: expected {prediction!r} (listed in the summary.json), got no file")
         reader = reader or reader_writer_for(prediction, dataset_json)
-        _, properties = reader.read_seg(prediction)
+        _, properties = read_label_file(reader, prediction)
         cases.append(_case_result(case, entry["metrics"], dict(zip(keys, class_names)),
                                   _physical_spacing(properties["spacing"])))
     evaluation = FolderEvaluation(str(pred_folder), class_names, cases)

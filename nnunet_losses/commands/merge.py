@@ -37,16 +37,18 @@ import numpy as np
 
 from ..nnunet_io import (
     CASE_SOURCES_KEY,
-    UserInputError,
     datasets_with_id,
     load_dataset_json,
     raw_dataset_name,
     raw_folder,
+    read_image_files,
     read_json_file,
+    read_label_file,
     reader_writer_for,
     save_dataset_json,
     test_files,
     training_files,
+    UserInputError,
 )
 from ..training.label_sets import ANNOTATED_LABELS_KEY, LabelResolver, validate_annotated_labels
 from ._subcommand import add_subcommand, progress, user_input
@@ -120,7 +122,7 @@ def _load_source(source: Union[str, int], raw_root: str) -> _Source:
 def _image_kind(source: _Source) -> str:
     """'2D' or '3D': nnU-Net's readers give 2D images the spacing 999 on their first axis."""
     first = next(iter(source.training.values()))["images"][0]
-    _, properties = reader_writer_for(first, source.dataset_json).read_images([first])
+    _, properties = read_image_files(reader_writer_for(first, source.dataset_json), [first])
     return "2D" if float(properties["spacing"][0]) == 999 else "3D"
 
 
@@ -418,7 +420,7 @@ def _summary_table(sources: Sequence[_Source], training: Mapping, test: Mapping,
 def relabel(label_file: str, target_file: str, lookup: np.ndarray, reader_writer) -> None:
     """A label map read with nnU-Net's reader, its values mapped through ``lookup``, written with the same
     geometry; a value the source's dataset.json does not define is an error naming the file."""
-    segmentation, properties = reader_writer.read_seg(label_file)
+    segmentation, properties = read_label_file(reader_writer, label_file)
     segmentation = np.rint(segmentation).astype(np.int64)
     values = np.unique(segmentation)
     unknown = [int(v) for v in values if v < 0 or v >= len(lookup) or lookup[v] < 0]
