@@ -167,6 +167,16 @@ def current_values(trainer: type) -> dict:
     return values
 
 
+def optimizer_defaults(settings: dict) -> dict:
+    """What a named optimizer brings along: Adam / AdamW start at nnU-Net's lr 1e-3 (its ``*1en3`` variants)."""
+    return {"lr": ADAM_LR} if settings.get("optimizer") in ("adam", "adamw") else {}
+
+
+def resolved_values(trainer: type, settings: dict) -> dict:
+    """Every applicable token's value once ``settings`` are applied to ``trainer``."""
+    return {**current_values(trainer), **optimizer_defaults(settings), **settings}
+
+
 def accepted_tokens(trainer: type) -> str:
     """What ``trainer`` accepts, with its current values: the listing of every refusal."""
     values = current_values(trainer)
@@ -176,7 +186,7 @@ def accepted_tokens(trainer: type) -> str:
             continue
         value = values[token.key]
         set_by_trainer = value is None and token.attribute is None  # a run setting the trainer itself sets
-        now = "set by the trainer" if set_by_trainer else f"now {_spell_value(token, value)}"
+        now = "set by the trainer" if set_by_trainer else f"now {_spell_value(value)}"
         lines.append(f"  {token_form(token):<14} {token.describe} ({now})")
     return "\n".join(lines)
 
@@ -192,12 +202,14 @@ def token_form(token: Token) -> str:
     return f"{prefix}<v>"
 
 
-def _spell_value(token: Token, value) -> str:
-    if token.attribute is None and token.key != "optimizer" and value is not None:
-        return spell_number(value) if token.key == "lr" else str(value)
+def _spell_value(value) -> str:
+    """A current value as the listing shows it: counts as integers (1000 epochs, not 1e3), other numbers
+    in their shortest spelling, flags as 0/1, per-class values comma-separated."""
     if isinstance(value, bool):
         return str(int(value))
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
         return spell_number(value)
     if isinstance(value, (tuple, list)):
         return ",".join(spell_number(v) for v in value)
@@ -218,10 +230,7 @@ class ResolvedName:
 
     def record(self) -> dict:
         """What the name stands for, as written to the log, ``debug.json`` and the checkpoint."""
-        values = dict(current_values(self.base))
-        values.update(self.settings)
-        if values.get("optimizer") in ("adam", "adamw") and "lr" not in self.settings:
-            values["lr"] = ADAM_LR
+        values = resolved_values(self.base, self.settings)
         return {"trainer": self.name, "base": self.base.__name__,
                 "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}}
 
@@ -262,9 +271,7 @@ def parse_settings(name: str, base: type, texts: list) -> dict:
 def canonical_settings(name: str, base: type, found: dict) -> dict:
     """``found`` in canonical order; refuses a spelling that is not the one name of its experiment."""
     settings = {k: found[k] for k in TOKEN_BY_KEY if k in found}
-    now = current_values(base)
-    if settings.get("optimizer") in ("adam", "adamw"):
-        now["lr"] = ADAM_LR
+    now = {**current_values(base), **optimizer_defaults(settings)}
     redundant = [k for k, v in settings.items() if now.get(k) is not None and _same(now[k], v)]
     canonical = canonical_name(base.__name__, {k: v for k, v in settings.items() if k not in redundant})
     if redundant:
@@ -373,7 +380,7 @@ def build_trainer(resolved: ResolvedName) -> type:
     written to the log, ``debug.json`` and every checkpoint.
     """
     base, settings, record = resolved.base, resolved.settings, resolved.record()
-    lr = settings.get("lr", ADAM_LR if settings.get("optimizer") in ("adam", "adamw") else None)
+    lr = record["settings"].get("lr")  # None: the trainer sets its own learning rate
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
