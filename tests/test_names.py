@@ -67,7 +67,7 @@ def resolve(name):
     ("a1.5", "a", 1.5), ("a1.9,1,0.5", "a", (1.9, 1.0, 0.5)), ("b0.2", "b", 0.2), ("eps1e-5", "epsilon", 1e-5),
     ("eps1e-5,1e-3", "epsilon", (1e-5, 0.001)), ("bg0", "include_background", False),
     ("bg1", "include_background", True), ("sum", "reduction", "sum"), ("mean", "reduction", "mean"),
-    ("epsbatches20", "epsilon_batches", 20), ("lam0.5", "lam", 0.5), ("tau5", "tau", 5.0),
+    ("countbatches20", "count_batches", 20), ("lam0.5", "lam", 0.5), ("tau5", "tau", 5.0),
     ("srcsqrt", "source_sampling", "sqrt"), ("srcuniform", "source_sampling", "uniform"),
     ("sgd", "optimizer", "sgd"), ("adam", "optimizer", "adam"), ("adamw", "optimizer", "adamw"),
     ("lr3e-4", "lr", 3e-4), ("100ep", "epochs", 100), ("50it", "iterations", 50),
@@ -202,7 +202,7 @@ def test_hyperparameters_become_class_attributes_the_loss_is_built_from():
     assert (trainer.a, trainer.b, trainer.include_background, trainer.reduction) == ((1.9, 1.0, 0.5), 0.2, False, "sum")
     assert trainer_with_settings(nnUNetTrainerCEL1, lam=0.5, tau=5.0).lam == 0.5
     assert trainer_with_settings(nnUNetTrainerDiceI, epsilon=1e-5).epsilon == 1e-5
-    assert trainer_with_settings(nnUNetTrainerDiceIEps, epsilon_batches=20).epsilon_batches == 20
+    assert trainer_with_settings(nnUNetTrainerDiceIEps, count_batches=20).count_batches == 20
 
 
 def test_the_built_class_keeps_nnunets_init_signature():

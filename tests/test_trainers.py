@@ -34,7 +34,7 @@ from nnunet_losses import (
 )
 from nnunet_losses.training.checkpoint import add_to_checkpoint
 from nnunet_losses.commands.synthetic import IGNORE_VALUE, LABELS, REGION_LABELS, REGIONS_CLASS_ORDER
-from nnunet_losses.training.heuristic_epsilon import EPSILON_CHECKPOINT_KEY, estimate_heuristic_epsilon
+from nnunet_losses.training.class_counts import ClassCountsFromSampler, balanced_class_scales, estimate_class_counts
 from nnunet_losses.training.loss_assembly import (
     PerScaleDeepSupervision,
     RegionIgnoreChannel,
@@ -147,11 +147,13 @@ def reference_total(reference, kind, outputs, targets, weights):
 # dataset kinds it accepts
 TRAINERS = {
     "nnUNetTrainerMime": (
-        nnUNetTrainerMime, MimeLoss, {"include_background": True, "reduction": "mean"},
+        # before the class counts are estimated (start of training) the class attributes a, b are in place
+        nnUNetTrainerMime, MimeLoss, {"a": 1.9, "b": 0.1, "include_background": True, "reduction": "mean"},
         lambda x, y, m, act: mime_loss(x, y, m, a=1.9, b=0.1, include_background=True, activation=act),
         ("labels", "labels+ignore", "regions", "regions+ignore")),
     "nnUNetTrainerNegativeMime": (
-        nnUNetTrainerNegativeMime, NegativeMimeLoss, {"include_background": True, "reduction": "mean"},
+        # class-balanced: the mime with a = 1, b = 0 (per class once the counts are in)
+        nnUNetTrainerNegativeMime, MimeLoss, {"a": 1.0, "b": 0.0, "include_background": True, "reduction": "mean"},
         lambda x, y, m, act: negative_mime_loss(x, y, m, include_background=True),
         ("labels", "labels+ignore")),
     "nnUNetTrainerDiceI": (
@@ -226,7 +228,7 @@ def test_loss_is_the_intended_one_with_its_hyperparameters_and_weights(planned, 
     # nnU-Net's own _build_loss gives the same weights for the same trainer
     assert loss.weight_factors == pytest.approx(nnUNetTrainer._build_loss(trainer).weight_factors, abs=1e-12)
     inner = our_losses(loss)
-    assert len(inner) == (4 if name == "nnUNetTrainerDiceIEps" else 1)
+    assert len(inner) == (4 if issubclass(trainer_class, ClassCountsFromSampler) else 1)  # one per scale
     regions = kind.startswith("regions")
     for module in inner:
         assert type(module) is loss_class
@@ -238,8 +240,6 @@ def test_loss_is_the_intended_one_with_its_hyperparameters_and_weights(planned, 
             assert getattr(module, attribute) == value, attribute
         if hasattr(module, "epsilon"):
             assert module.epsilon.tolist() == pytest.approx(1e-7)
-        if loss_class is MimeLoss:
-            assert (module.a.item(), module.b.item()) == pytest.approx((1.9, 0.1))
     assert all(isinstance(module, RegionIgnoreChannel) == (kind == "regions+ignore")
                for module in scale_losses_of(loss))
 
@@ -319,7 +319,7 @@ def test_short_run_variant_trains_few_epochs_of_few_iterations_in_its_own_folder
     assert Path(full.output_folder_base).name == "nnUNetTrainerDiceIEps__nnUNetPlans__2d"
     assert Path(short.output_folder_base).name == "nnUNetTrainerDiceIEps_3ep_10it__nnUNetPlans__2d"
     assert Path(tiny.output_folder_base).name == "nnUNetTrainer_1ep_4it__nnUNetPlans__2d"
-    assert short.epsilon_batches == 50 and isinstance(short._build_loss(), PerScaleDeepSupervision)
+    assert short.count_batches == 50 and isinstance(short._build_loss(), PerScaleDeepSupervision)
     assert list(short.my_init_kwargs) == ["plans", "configuration", "fold", "dataset_json", "device"]
 
 
@@ -381,7 +381,7 @@ def test_hyperparameters_by_subclassing_in_three_lines(planned):
         lam = 0.5
 
     mime = build_trainer(nnUNetTrainerMimeA15, planned)._build_loss()
-    assert mime.loss.a.item() == 1.5 and mime.loss.b.item() == pytest.approx(0.1)
+    assert all(loss.a.item() == 1.5 and loss.b.item() == pytest.approx(0.1) for loss in our_losses(mime))
     # zero logits: s = 1/4 per class; per voxel Σ_c w_c s_c = (-a + 3b)/4 = (-1.5 + 0.3)/4 = -0.3 at every
     # scale, and the deep-supervision weights sum to 1
     outputs = [torch.zeros(2, 4, side, side) for side in (16, 8, 4, 2)]
@@ -449,7 +449,7 @@ EXPECTED_LABEL_EPSILON = [[2.0, 1.0, 0.25, 0.5], [0.25, 0.25, 0.0, 0.25]]
 
 
 def test_heuristic_epsilon_per_class_and_scale_from_label_batches():
-    epsilon = estimate_heuristic_epsilon(iter(label_batches()), 2, num_classes=4, ignore_label=4,
+    epsilon = estimate_class_counts(iter(label_batches()), 2, num_classes=4, ignore_label=4,
                                          region_ignore_channel=False, progress=False)
     assert [e.tolist() for e in epsilon] == EXPECTED_LABEL_EPSILON
 
@@ -459,14 +459,14 @@ def test_heuristic_epsilon_from_region_batches_drops_the_ignore_channel():
     # region 0: sample 0 [1, 1], sample 1 [0, 1] -> 3 / 2; region 1: [0, 1], [0, 0] -> 1 / 2
     target = torch.tensor([[[[1, 1]], [[0, 1]], [[0, 0]]],
                            [[[0, 1]], [[0, 0]], [[1, 0]]]], dtype=torch.float32)
-    epsilon = estimate_heuristic_epsilon(iter([{"target": target}]), 1, num_classes=2, ignore_label=None,
+    epsilon = estimate_class_counts(iter([{"target": target}]), 1, num_classes=2, ignore_label=None,
                                          region_ignore_channel=True, progress=False)
     assert [e.tolist() for e in epsilon] == [[1.5, 0.5]]
 
 
 def test_heuristic_epsilon_needs_a_positive_number_of_batches():
-    with pytest.raises(ValueError, match="epsilon_batches: expected an int >= 1, got 0"):
-        estimate_heuristic_epsilon(iter(label_batches()), 0, 4, None, False)
+    with pytest.raises(ValueError, match="count_batches: expected an int >= 1, got 0"):
+        estimate_class_counts(iter(label_batches()), 0, 4, None, False)
 
 
 def log_text(trainer) -> str:
@@ -489,11 +489,11 @@ def two_scale_trainer(planned, trainer_class=nnUNetTrainerDiceIEps, kind="labels
 def test_eps_trainer_estimates_from_its_training_dataloader_at_start(planned, monkeypatch, tmp_path):
     monkeypatch.setattr(nnUNetTrainer, "on_train_start", lambda self: None)  # no real dataloaders needed
     trainer = own_log(two_scale_trainer(planned), tmp_path)
-    trainer.epsilon_batches = 2
+    trainer.count_batches = 2
     trainer.loss = trainer._build_loss()
     trainer.dataloader_train = iter(label_batches())
     trainer.on_train_start()
-    assert [e.tolist() for e in trainer.heuristic_epsilon] == EXPECTED_LABEL_EPSILON
+    assert [e.tolist() for e in trainer.class_counts] == EXPECTED_LABEL_EPSILON
     assert [loss.epsilon.tolist() for loss in trainer.epsilon_losses] == EXPECTED_LABEL_EPSILON
     assert f"Heuristic epsilon estimated, per deep-supervision scale (rows) and class (columns): " \
            f"{json.dumps(EXPECTED_LABEL_EPSILON)}" in log_text(trainer)
@@ -508,14 +508,14 @@ def test_eps_checkpoint_round_trip_reuses_the_stored_epsilon(planned, tmp_path, 
     first = build_trainer(nnUNetTrainerDiceIEps, planned)
     first.initialize()
     stored = [torch.arange(4, dtype=torch.float64) + 10 * scale + 0.125 for scale in range(4)]
-    first.heuristic_epsilon = stored
+    first.class_counts = stored
     checkpoint = str(tmp_path / "checkpoint_latest.pth")
     first.save_checkpoint(checkpoint)
-    assert torch.load(checkpoint, weights_only=False)[EPSILON_CHECKPOINT_KEY] == [e.tolist() for e in stored]
+    assert torch.load(checkpoint, weights_only=False)[nnUNetTrainerDiceIEps._class_counts_key] == [e.tolist() for e in stored]
 
     second = own_log(build_trainer(nnUNetTrainerDiceIEps, planned), tmp_path)
     second.load_checkpoint(checkpoint)
-    assert [e.tolist() for e in second.heuristic_epsilon] == [e.tolist() for e in stored]
+    assert [e.tolist() for e in second.class_counts] == [e.tolist() for e in stored]
     assert [loss.epsilon.tolist() for loss in second.epsilon_losses] == [e.tolist() for e in stored]
     assert ("Heuristic epsilon reused from the checkpoint (not re-estimated), per deep-supervision scale (rows) "
             f"and class (columns): {json.dumps([e.tolist() for e in stored])}") in log_text(second)
@@ -531,20 +531,126 @@ def test_eps_checkpoint_without_epsilon_is_estimated_again(planned, tmp_path):
     plain.initialize()
     checkpoint = str(tmp_path / "checkpoint_final.pth")
     plain.save_checkpoint(checkpoint)
-    assert EPSILON_CHECKPOINT_KEY not in torch.load(checkpoint, weights_only=False)
+    assert nnUNetTrainerDiceIEps._class_counts_key not in torch.load(checkpoint, weights_only=False)
 
     trainer = own_log(build_trainer(nnUNetTrainerDiceIEps, planned), tmp_path)
     trainer.load_checkpoint(checkpoint)
-    assert trainer.heuristic_epsilon is None
+    assert trainer.class_counts is None
     assert "The checkpoint holds no heuristic epsilon for this network (expected 4 scales x 4 classes): it is " \
            "estimated again." in log_text(trainer)
+
+
+# ----------------------------------------------------------------------------------------------
+# the class-balanced mimes: the same class counts, turned into per-class weights
+# ----------------------------------------------------------------------------------------------
+def test_balanced_class_scales_by_hand():
+    # counts (2, 1, 0.25, 0.5): Σ = 3.75, C = 4, k_c = 3.75 / (4 n_c); the mean over voxels Σ f_c k_c = 1
+    scales = balanced_class_scales(torch.tensor([2.0, 1.0, 0.25, 0.5]))
+    assert scales.tolist() == [0.46875, 0.9375, 3.75, 1.875]
+    assert float((torch.tensor([2.0, 1.0, 0.25, 0.5]) / 3.75 * scales).sum()) == pytest.approx(1.0)
+    # a class never sampled counts as the rarest sampled one: (3, 1, 0) -> (3, 1, 1), Σ = 5, k = 5 / (3 n)
+    assert balanced_class_scales(torch.tensor([3.0, 1.0, 0.0])).tolist() == pytest.approx([5 / 9, 5 / 3, 5 / 3])
+    with pytest.raises(ValueError, match=r"class counts: expected at least one class with voxels, got \[0.0, 0.0\]"):
+        balanced_class_scales(torch.zeros(2))
+
+
+# label_batches' counts: scale 0 (2, 1, 0.25, 0.5) -> k as above; scale 1 (0.25, 0.25, 0, 0.25) -> k = 1
+BALANCED_A = [[1.9 * k for k in (0.46875, 0.9375, 3.75, 1.875)], [1.9] * 4]
+BALANCED_B = [[0.1 * k for k in (0.46875, 0.9375, 3.75, 1.875)], [0.1] * 4]
+
+
+def test_mime_trainer_balances_its_weights_from_its_training_dataloader(planned, monkeypatch, tmp_path):
+    monkeypatch.setattr(nnUNetTrainer, "on_train_start", lambda self: None)
+    trainer = own_log(two_scale_trainer(planned, nnUNetTrainerMime), tmp_path)
+    trainer.count_batches = 2
+    trainer.loss = trainer._build_loss()
+    trainer.dataloader_train = iter(label_batches())
+    trainer.on_train_start()
+    assert [c.tolist() for c in trainer.class_counts] == EXPECTED_LABEL_EPSILON
+    torch.testing.assert_close(torch.stack([loss.a for loss in trainer.mime_losses]), torch.tensor(BALANCED_A, dtype=torch.float64))
+    torch.testing.assert_close(torch.stack([loss.b for loss in trainer.mime_losses]), torch.tensor(BALANCED_B, dtype=torch.float64))
+    assert "Estimating the class counts for the mime weights from 2 training batches" in log_text(trainer)
+    assert "Class-balanced mime weights, per deep-supervision scale (rows) and class (columns): a = " in log_text(trainer)
+    outputs, targets = scale_batches("labels", seed=3, size=4, scales=2)
+    expected = mime_loss(outputs[0], targets[0], a=BALANCED_A[0], b=BALANCED_B[0])
+    torch.testing.assert_close(trainer.loss(outputs, targets), expected)
+
+
+def test_negative_mime_balanced_is_the_mime_with_a_k_and_b_0(planned, monkeypatch, tmp_path):
+    monkeypatch.setattr(nnUNetTrainer, "on_train_start", lambda self: None)
+    trainer = own_log(two_scale_trainer(planned, nnUNetTrainerNegativeMime), tmp_path)
+    trainer.count_batches = 2
+    trainer.loss = trainer._build_loss()
+    trainer.dataloader_train = iter(label_batches())
+    trainer.on_train_start()
+    assert trainer.mime_losses[0].a.tolist() == [0.46875, 0.9375, 3.75, 1.875]
+    assert trainer.mime_losses[0].b.tolist() == [0.0] * 4
+
+
+def test_per_class_mime_weights_are_balanced_class_by_class(planned):
+    trainer = trainer_with_settings(nnUNetTrainerMime, a=(1.0, 2.0, 3.0, 4.0))
+    built = build_trainer(trainer, planned)
+    built.loss = built._build_loss()
+    built.class_counts = [torch.tensor([2.0, 1.0, 0.25, 0.5], dtype=torch.float64)] * 4
+    built._use_class_counts()
+    assert built.mime_losses[0].a.tolist() == [0.46875, 1.875, 11.25, 7.5]
+    wrong = build_trainer(trainer_with_settings(nnUNetTrainerMime, a=(1.0, 2.0)), planned)
+    wrong.loss = wrong._build_loss()
+    wrong.class_counts = built.class_counts
+    with pytest.raises(ValueError, match=r"nnUNetTrainerMime_a1,2.a: expected a number or one value per output "
+                                         r"channel \(4\), got \[1.0, 2.0\]"):
+        wrong._use_class_counts()
+
+
+def test_mime_checkpoint_round_trip_reuses_the_stored_counts(planned, tmp_path, monkeypatch):
+    first = build_trainer(nnUNetTrainerMime, planned)
+    first.initialize()
+    first.class_counts = [torch.tensor([2.0, 1.0, 0.25, 0.5], dtype=torch.float64) / 2**s for s in range(4)]
+    checkpoint = str(tmp_path / "checkpoint_latest.pth")
+    first.save_checkpoint(checkpoint)
+    assert torch.load(checkpoint, weights_only=False)["mime_class_counts"] == [c.tolist() for c in first.class_counts]
+
+    second = own_log(build_trainer(nnUNetTrainerMime, planned), tmp_path)
+    second.load_checkpoint(checkpoint)
+    assert [c.tolist() for c in second.class_counts] == [c.tolist() for c in first.class_counts]
+    # the factors do not depend on the counts' scale: every output scale gets the same weights here
+    torch.testing.assert_close(torch.stack([loss.a for loss in second.mime_losses]),
+                               torch.tensor([BALANCED_A[0]] * 4, dtype=torch.float64))
+    assert "Class counts for the mime weights reused from the checkpoint (not re-estimated)" in log_text(second)
+    monkeypatch.setattr(nnUNetTrainer, "on_train_start", lambda self: None)
+    second.dataloader_train = None  # must not be touched: nothing is re-estimated
+    second.on_train_start()
+    assert "Estimating the class counts" not in log_text(second)
+
+
+def test_fixed_mime_weights_estimate_nothing_and_store_nothing(planned, tmp_path, monkeypatch):
+    fixed = trainer_with_settings(nnUNetTrainerNegativeMime, class_weights="fixed")
+    assert fixed.__name__ == "nnUNetTrainerNegativeMime_cwfixed"
+    trainer = own_log(build_trainer(fixed, planned), tmp_path)
+    trainer.initialize()
+    assert all(type(loss) is NegativeMimeLoss for loss in our_losses(trainer.loss))
+    monkeypatch.setattr(nnUNetTrainer, "on_train_start", lambda self: None)
+    trainer.dataloader_train = None  # must not be touched
+    trainer.on_train_start()
+    assert trainer.class_counts is None and "Estimating" not in log_text(trainer)
+    checkpoint = str(tmp_path / "checkpoint_fixed.pth")
+    trainer.save_checkpoint(checkpoint)
+    assert "mime_class_counts" not in torch.load(checkpoint, weights_only=False)
+
+
+def test_unknown_class_weights_stop_at_start_up(planned):
+    class Odd(nnUNetTrainerMime):
+        class_weights = "inverse"
+
+    with pytest.raises(ValueError, match=r"Odd.class_weights: expected one of \('balanced', 'fixed'\), got 'inverse'"):
+        build_trainer(Odd, planned)._build_loss()
 
 
 def test_add_to_checkpoint_writes_nothing_when_checkpointing_is_disabled(planned, tmp_path):
     trainer = build_trainer(nnUNetTrainerDiceIEps, planned)
     trainer.disable_checkpointing = True
     target = tmp_path / "none.pth"
-    add_to_checkpoint(trainer, str(target), EPSILON_CHECKPOINT_KEY, [[1.0]])
+    add_to_checkpoint(trainer, str(target), nnUNetTrainerDiceIEps._class_counts_key, [[1.0]])
     assert not target.exists() and not (tmp_path / "none.pth.partial").exists()
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nnunet_losses.training.heuristic_epsilon import estimate_heuristic_epsilon
+from nnunet_losses.training.class_counts import estimate_class_counts
 
 WORLD_SIZE = 2
 
@@ -21,7 +21,7 @@ GLOBAL_EPSILON = [7 / 3, 1.0, 2 / 3]
 
 
 def _rank_main(rank: int, output_dir: str) -> None:
-    epsilon = estimate_heuristic_epsilon(iter([{"target": [RANK_TARGETS[rank]]}]), 1, num_classes=3,
+    epsilon = estimate_class_counts(iter([{"target": [RANK_TARGETS[rank]]}]), 1, num_classes=3,
                                          ignore_label=None, region_ignore_channel=False, device="cpu",
                                          progress=False)
     torch.save([e.tolist() for e in epsilon], f"{output_dir}/rank{rank}.pt")
@@ -33,5 +33,5 @@ def test_epsilon_is_the_mean_over_the_samples_of_all_ranks(tmp_path, run_ddp):
         (scale,) = torch.load(tmp_path / f"rank{rank}.pt")
         assert scale == pytest.approx(GLOBAL_EPSILON, abs=1e-12)
     # a single process sees only its own samples
-    (alone,) = estimate_heuristic_epsilon(iter([{"target": RANK_TARGETS[1]}]), 1, 3, None, False, progress=False)
+    (alone,) = estimate_class_counts(iter([{"target": RANK_TARGETS[1]}]), 1, 3, None, False, progress=False)
     assert alone.tolist() == [3.0, 0.0, 1.0]

@@ -1,38 +1,115 @@
 """Mime and negative mime trainers (Kervadec & de Bruijne, "On the dice loss gradient and the ways to
 mimic it"): nnU-Net with a linear loss whose gradient mimics the Dice loss's, in place of DC+CE.
 
+By default the weights are balanced between classes from the dataset's class distribution (§2.3:
+"pre-computed based on ... the dataset classes-distribution"): class c gets ``k_c·a, k_c·b`` with
+``k_c`` inversely proportional to its mean voxel count in the trainer's own training patches
+(:func:`~nnunet_losses.training.class_counts.balanced_class_scales`), as the Dice gradient scales
+with 1/size. Without it (``class_weights = "fixed"``, ``-tr nnUNetTrainerMime_cwfixed``: the paper's
+experiments) a linear loss under nnU-Net's SGD settles on the background: a structure of 1-2 % of the
+image then gets about 1/30 of CE's push and is never predicted (benchmarks/README.md, training quality).
+
 nnU-Net imports this module under its bare name from the folder in ``nnUNet_extTrainer``: only
 absolute imports work here.
 """
 
+import json
+
+import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_losses import MimeLoss, NegativeMimeLoss
-from nnunet_losses.training.loss_assembly import assemble_loss, loss_target_options, refuse_regions
+from nnunet_losses.training.class_counts import ClassCountsFromSampler, balanced_class_scales
+from nnunet_losses.training.loss_assembly import (
+    assemble_loss,
+    loss_target_options,
+    num_output_scales,
+    refuse_regions,
+)
+
+CLASS_WEIGHTS = ("balanced", "fixed")
 
 
-class nnUNetTrainerMime(nnUNetTrainer):
+class ClassBalancedMimeTrainer(ClassCountsFromSampler, nnUNetTrainer):
+    """What the mime trainers share: one mime per output scale, its ``a``/``b`` multiplied per class by
+    the balanced factors of that scale's class counts (``class_weights = "balanced"``)."""
+
+    class_weights = "balanced"  # or "fixed": the same a, b for every class, as in the paper's experiments
+    include_background = True
+    reduction = "mean"  # per-voxel mean keeps nnU-Net's learning rate and gradient clipping sensible
+    _class_counts_key = "mime_class_counts"
+    _class_counts_name = "class counts for the mime weights"
+
+    def _mime_loss(self, balanced: bool) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def _weights(self) -> tuple:
+        """``(a, b)`` before balancing: numbers or one value per output channel."""
+        raise NotImplementedError
+
+    def _build_loss(self):
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise ValueError(f"{type(self).__name__}.class_weights: expected one of {CLASS_WEIGHTS}, "
+                             f"got {self.class_weights!r}")
+        balanced = self._needs_class_counts()
+        self.mime_losses = [self._mime_loss(balanced) for _ in range(num_output_scales(self))]
+        if balanced and self.class_counts is not None:
+            self._use_class_counts()
+        return assemble_loss(self, self.mime_losses)
+
+    def _needs_class_counts(self) -> bool:
+        return self.class_weights == "balanced"
+
+    def _use_class_counts(self):
+        weights = [self._balanced_weights(counts) for counts in self.class_counts]
+        for loss, (a, b) in zip(self.mime_losses, weights):
+            loss.a, loss.b = a, b
+        self.print_to_log_file("Class-balanced mime weights, per deep-supervision scale (rows) and class (columns): "
+                               f"a = {json.dumps([a.tolist() for a, _ in weights])}, "
+                               f"b = {json.dumps([b.tolist() for _, b in weights])}")
+
+    def _balanced_weights(self, counts: torch.Tensor) -> tuple:
+        scales = balanced_class_scales(counts)
+        balanced = []
+        for name, value in zip("ab", self._weights()):
+            value = torch.as_tensor(value, dtype=torch.float64)
+            if value.ndim == 1 and value.numel() != scales.numel():
+                raise ValueError(f"{type(self).__name__}.{name}: expected a number or one value per output "
+                                 f"channel ({scales.numel()}), got {value.tolist()}")
+            balanced.append(value * scales)
+        return tuple(balanced)
+
+
+class nnUNetTrainerMime(ClassBalancedMimeTrainer):
     """Mime loss ``Σ w·s / N``, ``w = -a·y + b·(1-y)`` (paper eq. 9; ``a=1.9, b=0.1`` is its
-    ``ω = -2y + 0.1``). ``a``/``b`` may be per-class sequences. Labels (softmax) and regions (sigmoid)."""
+    ``ω = -2y + 0.1``), class-balanced by default. ``a``/``b`` may be per-class sequences. Labels
+    (softmax) and regions (sigmoid)."""
 
     a = 1.9
     b = 0.1
-    include_background = True
-    reduction = "mean"  # per-voxel mean keeps nnU-Net's learning rate and gradient clipping sensible
 
-    def _build_loss(self):
-        return assemble_loss(self, MimeLoss(a=self.a, b=self.b, include_background=self.include_background,
-                                            reduction=self.reduction, **loss_target_options(self)))
+    def _weights(self) -> tuple:
+        return self.a, self.b
+
+    def _mime_loss(self, balanced: bool) -> MimeLoss:
+        return MimeLoss(a=self.a, b=self.b, include_background=self.include_background, reduction=self.reduction,
+                        **loss_target_options(self))
 
 
-class nnUNetTrainerNegativeMime(nnUNetTrainer):
-    """Negative mime ``-Σ y·s / N`` (paper eq. 10). Labels (softmax) only."""
+class nnUNetTrainerNegativeMime(ClassBalancedMimeTrainer):
+    """Negative mime ``-Σ y·s / N`` (paper eq. 10), class-balanced by default (``-Σ k_c y_c s_c / N``,
+    the mime with ``a = k_c, b = 0``). Labels (softmax) only."""
 
-    include_background = True
-    reduction = "mean"
+    def _weights(self) -> tuple:
+        return 1.0, 0.0
 
     def _build_loss(self):
         refuse_regions(self, "with independent sigmoid regions the negative mime is minimised by predicting "
                              "everything as foreground; use nnUNetTrainerMime")
-        return assemble_loss(self, NegativeMimeLoss(include_background=self.include_background,
-                                                    reduction=self.reduction, **loss_target_options(self)))
+        return super()._build_loss()
+
+    def _mime_loss(self, balanced: bool):
+        options = dict(include_background=self.include_background, reduction=self.reduction,
+                       **loss_target_options(self))
+        # the balanced form needs per-class weights, which only MimeLoss takes (a = 1, b = 0 is the same loss)
+        return MimeLoss(a=1.0, b=0.0, **options) if balanced else NegativeMimeLoss(**options)

@@ -13,7 +13,11 @@ token               sets                        trainers
 ``eps1e-5``         ``epsilon``                 Dice (not DiceIEps: its ε is estimated), Marginal, Leaf
 ``bg0`` / ``bg1``   ``include_background``      Mime, NegativeMime, Dice, Marginal, Leaf
 ``sum`` / ``mean``  ``reduction``               Mime, NegativeMime
-``epsbatches20``    ``epsilon_batches``         DiceIEps
+``cwfixed`` /       ``class_weights``: the      Mime, NegativeMime
+``cwbalanced``      paper's a, b for every
+                    class, or balanced by the
+                    class counts
+``countbatches20``  ``count_batches``           DiceIEps, Mime, NegativeMime
 ``lam0.5``          ``lam``                     CEL1, CEKL
 ``tau5``            ``tau``                     CEL1, CEKL
 ``srcsqrt`` /       ``source_sampling``: cases  Marginal, Leaf
@@ -116,8 +120,10 @@ TOKENS = (
     Token("include_background", r"bg(?P<value>[01])", lambda v: v == "1", lambda v: f"bg{int(v)}",
           "include_background", "background term in the loss (0 or 1)"),
     _word_token("reduction", ("sum", "mean"), "reduction", "mime: paper's sum or per-voxel mean"),
-    Token("epsilon_batches", r"epsbatches(?P<value>\d+)", int, lambda v: f"epsbatches{v}", "epsilon_batches",
-          "batches the heuristic epsilon is estimated from"),
+    Token("class_weights", r"cw(?P<value>balanced|fixed)", str, lambda v: f"cw{v}", "class_weights",
+          "mime weights: balanced by the class counts, or the same for every class (the paper's)"),
+    Token("count_batches", r"countbatches(?P<value>\d+)", int, lambda v: f"countbatches{v}", "count_batches",
+          "batches the class counts (heuristic epsilon, balanced mime weights) are estimated from"),
     _number_token("lam", "lam", "lam", "weight of the label-marginal penalty"),
     _number_token("tau", "tau", "tau", "temperature of the predicted proportions"),
     Token("source_sampling", r"src(?P<value>sqrt|uniform)", str, lambda v: f"src{v}", "source_sampling",
@@ -144,7 +150,7 @@ def applicable(token: Token, trainer: type) -> bool:
     (and its value is not computed by the trainer, as the heuristic epsilon is)."""
     if token.attribute is None:
         return True
-    if token.attribute == "epsilon" and hasattr(trainer, "epsilon_batches"):
+    if token.attribute in getattr(trainer, "_estimated_attributes", ()):
         return False
     return hasattr(trainer, token.attribute)
 
@@ -187,14 +193,15 @@ def accepted_tokens(trainer: type) -> str:
         value = values[token.key]
         set_by_trainer = value is None and token.attribute is None  # a run setting the trainer itself sets
         now = "set by the trainer" if set_by_trainer else f"now {_spell_value(value)}"
-        lines.append(f"  {token_form(token):<14} {token.describe} ({now})")
+        lines.append(f"  {token_form(token):<18} {token.describe} ({now})")
     return "\n".join(lines)
 
 
 def token_form(token: Token) -> str:
     """The token's form for people: ``a<v>``, ``bg0|bg1``, ``<E>ep``."""
     forms = {"include_background": "bg0|bg1", "reduction": "sum|mean", "optimizer": "sgd|adam|adamw",
-             "epochs": "<E>ep", "iterations": "<I>it", "epsilon_batches": "epsbatches<N>",
+             "epochs": "<E>ep", "iterations": "<I>it", "count_batches": "countbatches<N>",
+             "class_weights": "cwbalanced|cwfixed",
              "source_sampling": "srcsqrt|srcuniform"}
     if token.key in forms:
         return forms[token.key]
@@ -260,7 +267,7 @@ def parse_settings(name: str, base: type, texts: list) -> dict:
             raise _refuse(name, base, f"token {text!r}: {base.__name__} has no setting {token.key!r}")
         if token.key in found:
             raise _refuse(name, base, f"token {text!r}: {token.key} is set twice")
-        if token.key in ("epochs", "iterations", "epsilon_batches") and value < 1:
+        if token.key in ("epochs", "iterations", "count_batches") and value < 1:
             raise _refuse(name, base, f"token {text!r}: expected {token.key} >= 1, got {value}")
         if token.key in ("lr", "tau") and value <= 0:
             raise _refuse(name, base, f"token {text!r}: expected {token.key} > 0, got {value}")
