@@ -24,6 +24,8 @@ Examples::
     python benchmarks/bench_losses.py --quick                       # smoke run, seconds
     python benchmarks/bench_losses.py --shapes 2d 3d_fullres --classes 4 --json results.json
     python benchmarks/bench_losses.py --device cuda --dtype float32 bfloat16 --compile
+    python benchmarks/bench_losses.py --sweep --quick --device cpu --json benchmarks/results/losses_sweep_cpu.json \
+        --plot benchmarks/results/losses_sweep_cpu.png          # time per logit against size, per label dtype
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's info lines woul
 import argparse
 import contextlib
 import dataclasses
+import math
 import statistics
 import sys
 import time
@@ -65,6 +68,17 @@ SHAPE_PRESETS = {
 }
 QUICK = dict(shapes=["quick2d", "quick3d"], classes=[3], repeats=3, warmup=1)
 
+# --sweep: (batch, classes, spatial) from nnU-Net's small 2d batches to large 3d patches, where the
+# allocations of a loss move from the allocator's reused pages to freshly page-faulted ones
+SWEEP = [(12, c, (s, s)) for c in (4, 14) for s in (128, 192, 256, 384, 512)] + \
+        [(2, c, (s, s, s)) for c in (4, 14) for s in (64, 80, 96, 112, 128, 160)]
+SWEEP_QUICK = [(12, 4, (128, 128)), (12, 4, (256, 256)), (12, 14, (256, 256)),
+               (2, 4, (64, 64, 64)), (2, 4, (96, 96, 96)), (2, 4, (128, 128, 128)),
+               (2, 14, (64, 64, 64)), (2, 14, (96, 96, 96))]
+SWEEP_DEFAULTS = dict(repeats=5, warmup=1, label_dtype=["int16", "int64", "float32"])
+SWEEP_QUICK_DEFAULTS = dict(repeats=3, warmup=1, label_dtype=["int16", "int64", "float32"])
+LABEL_DTYPES = {"int16": torch.int16, "int64": torch.int64, "float32": torch.float32, "uint8": torch.uint8}
+
 
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -83,6 +97,7 @@ class Setting:
     batch_dice: bool
     dtype: torch.dtype
     device: torch.device
+    label_dtype: torch.dtype = torch.int16  # nnU-Net's dataloader dtype
 
     @property
     def shape(self) -> tuple:
@@ -91,7 +106,11 @@ class Setting:
     @property
     def label(self) -> str:
         dims = "x".join(str(s) for s in self.shape)
-        return f"({dims}) {str(self.dtype).replace('torch.', '')} on {self.device.type}"
+        return f"({dims}) {str(self.dtype).replace('torch.', '')} on {self.device.type}, {_dtype_name(self.label_dtype)} labels"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +187,8 @@ def _monai_dice_ce(setting: Setting) -> nn.Module:
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
-def build_cases() -> list[Case]:
+def build_cases(monai: bool = True) -> list[Case]:
+    """Every row; ``monai=False`` leaves MONAI out (the size sweep compares with nnU-Net only)."""
     import nnunet_losses as nl
     from nnunetv2.training.loss.robust_ce_loss import RobustCrossEntropyLoss
 
@@ -179,7 +199,7 @@ def build_cases() -> list[Case]:
         Case(NNUNET_DICE_I, _nnunet_dice(False)),
         Case(NNUNET_DICE_BI, _nnunet_dice(True)),
         Case(NNUNET_CE, _plain(lambda s: RobustCrossEntropyLoss())),
-        Case(MONAI_DICE_CE, _plain(_monai_dice_ce)),
+        *([Case(MONAI_DICE_CE, _plain(_monai_dice_ce))] if monai else []),
         Case("MimeLoss", _plain(lambda s: nl.MimeLoss()), (half_default, Target(COPY, 3.0))),
         Case("NegativeMimeLoss", _plain(lambda s: nl.NegativeMimeLoss()), (half_default, Target(COPY, 3.0))),
         Case("DynamicMimeLoss(phi=I)", _plain(lambda s: nl.DynamicMimeLoss(phi="I"))),
@@ -205,7 +225,8 @@ def build_cases() -> list[Case]:
 # measuring
 # ----------------------------------------------------------------------------------------------
 def make_inputs(setting: Setting, seed: int = 0):
-    """Logits, an int16 label map (nnU-Net's dataloader dtype) and the annotated-classes table.
+    """Logits, a label map (``setting.label_dtype``, int16 by default: nnU-Net's dataloader dtype) and
+    the annotated-classes table.
 
     The last class is missing (not annotated, no voxels) in sample 0, so the missing-label losses do
     their merging/dropping work; every loss gets the same inputs."""
@@ -216,7 +237,7 @@ def make_inputs(setting: Setting, seed: int = 0):
     labels[0][labels[0] == setting.num_classes - 1] = 0
     annotated = torch.ones(setting.batch, setting.num_classes, dtype=torch.bool)
     annotated[0, -1] = False
-    return x, labels.to(setting.device, torch.int16), annotated.to(setting.device)
+    return x, labels.to(setting.device, setting.label_dtype), annotated.to(setting.device)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -366,7 +387,7 @@ def profile_table(row: Row, x, y, annotated, setting: Setting, limit: int = 15) 
 
 
 def measure(setting: Setting, cases: Sequence[Case], repeats: int, warmup: int, compile: bool,
-            progress: bool = True, profile: bool = False) -> list[Row]:
+            progress: bool = True, profile: bool = False, memory: bool = True) -> list[Row]:
     if compile:
         torch._dynamo.reset()  # fresh caches: no recompile limit carried over from the previous shape
     x, y, annotated = make_inputs(setting)
@@ -379,7 +400,7 @@ def measure(setting: Setting, cases: Sequence[Case], repeats: int, warmup: int, 
         except ImportError as error:
             row.error = f"not installed ({error.name}); pip install 'nnunet-losses[bench]'"
     live = [row for row in rows if row.error is None]
-    steps = sum(max(warmup, row.compiled) + 1 + row.compiled + repeats + profile for row in live)
+    steps = sum(max(warmup, row.compiled) + memory + row.compiled + repeats + profile for row in live)
     bar = tqdm(total=steps, desc=setting.label, disable=not progress, leave=False)
 
     def attempt(row: Row, work: Callable[[], object]) -> None:
@@ -402,7 +423,8 @@ def measure(setting: Setting, cases: Sequence[Case], repeats: int, warmup: int, 
             first_compile = row.compiled and step == 0
             attempt(row, (lambda: compile_and_count(row)) if first_compile else
                     (lambda: run_once(row, x, y, annotated, setting)))
-        attempt(row, lambda: setattr(row, "extra_peak_bytes", extra_peak_bytes(row, x, y, annotated, setting)))
+        if memory:  # the sweep measures time only: one profiled run per loss and size less
+            attempt(row, lambda: setattr(row, "extra_peak_bytes", extra_peak_bytes(row, x, y, annotated, setting)))
     eager_by_name = {row.name: row for row in rows if not row.compiled}
     for row in live:
         if row.compiled and eager_by_name[row.name].error is None:
@@ -439,17 +461,19 @@ def _fmt_ratio(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def evaluate_targets(row: Row, by_name: dict) -> list[dict]:
-    """Each target of the row with the measured ratios and whether they are met."""
+def evaluate_targets(row: Row, by_name: dict, memory: bool = True) -> list[dict]:
+    """Each target of the row with the measured ratios and whether they are met (in time alone when
+    memory was not measured)."""
     results = []
     for target in row.case.targets:
         reference = by_name.get(target.reference)
         time_ratio = _ratio(row.seconds, reference.seconds if reference else None)
         memory_ratio = _ratio(row.extra_peak_bytes, reference.extra_peak_bytes if reference else None)
         met = time_ratio is not None and time_ratio <= target.max_time
-        if target.max_memory is not None:
-            met = met and memory_ratio is not None and memory_ratio <= target.max_memory
-        results.append(dict(reference=target.reference, max_time=target.max_time, max_memory=target.max_memory,
+        max_memory = target.max_memory if memory else None
+        if max_memory is not None:
+            met = met and memory_ratio is not None and memory_ratio <= max_memory
+        results.append(dict(reference=target.reference, max_time=target.max_time, max_memory=max_memory,
                             time_ratio=time_ratio, memory_ratio=memory_ratio, met=met))
     return results
 
@@ -465,7 +489,7 @@ def _describe_targets(results: list[dict]) -> str:
     return "; ".join(parts) or "-"
 
 
-def summarise(setting: Setting, rows: Sequence[Row]) -> dict:
+def summarise(setting: Setting, rows: Sequence[Row], memory: bool = True) -> dict:
     eager = {row.name: row for row in rows if not row.compiled}
     compiled = {row.name: row for row in rows if row.compiled}
     default, copy = eager[NNUNET_DEFAULT], eager[COPY]
@@ -481,7 +505,7 @@ def summarise(setting: Setting, rows: Sequence[Row]) -> dict:
             time_vs_default=_ratio(row.seconds, default.seconds),
             time_vs_copy=_ratio(row.seconds, copy.seconds),
             memory_vs_default=_ratio(row.extra_peak_bytes, default.extra_peak_bytes),
-            targets=evaluate_targets(row, eager),
+            targets=evaluate_targets(row, eager, memory),
         )
         if name in compiled:
             c = compiled[name]
@@ -493,8 +517,9 @@ def summarise(setting: Setting, rows: Sequence[Row]) -> dict:
             entry["profile"] = row.profile
         entries.append(entry)
     logits_bytes = torch.Size(setting.shape).numel() * torch.empty((), dtype=setting.dtype).element_size()
-    return dict(shape=list(setting.shape), dtype=str(setting.dtype).replace("torch.", ""), device=str(setting.device),
-                nnunet_batch_dice=setting.batch_dice, logits_mib=logits_bytes / 2**20, results=entries)
+    return dict(shape=list(setting.shape), dtype=_dtype_name(setting.dtype), device=str(setting.device),
+                label_dtype=_dtype_name(setting.label_dtype), nnunet_batch_dice=setting.batch_dice,
+                logits_mib=logits_bytes / 2**20, results=entries)
 
 
 def format_summary(summary: dict, compile: bool) -> str:
@@ -523,7 +548,8 @@ def format_summary(summary: dict, compile: bool) -> str:
                 row += [f"{e['compiled_median_ms']:.1f}", _fmt_ratio(e["compiled_vs_eager"]) + (" SLOWER" if slower else ""),
                         "-" if peak is None else f"{peak:.1f}", str(e["compiled_graph_breaks"]), e["compiled_check"] or "-"]
         rows.append(row)
-    title = (f"### {tuple(summary['shape'])} {summary['dtype']} on {summary['device']} "
+    labels = summary.get("label_dtype", "int16")  # older JSON files: int16 label maps
+    title = (f"### {tuple(summary['shape'])} {summary['dtype']} on {summary['device']}, {labels} labels "
              f"(logits {summary['logits_mib']:.1f} MiB; nnU-Net default with batch_dice={summary['nnunet_batch_dice']})")
     return title + "\n\n" + markdown_table(header, rows)
 
@@ -553,6 +579,83 @@ def format_target_overview(settings: Sequence[dict]) -> str:
                 met = met and result["met"]
             rows.append([name, limit] + cells + ["yes" if met else "NO"])
     return markdown_table(header, rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# the size sweep: one table per goal, one row per size and label dtype; a plot of time per logit
+# ----------------------------------------------------------------------------------------------
+SWEEP_GOALS = (  # (title, the references of the targets it shows)
+    ("Dice family <= 1.0x nnU-Net's Dice with the same batch handling", (NNUNET_DICE_I, NNUNET_DICE_BI)),
+    ("mime <= 0.5x nnU-Net's default DC_and_CE_loss and <= 3x the copy floor", (NNUNET_DEFAULT, COPY)),
+    ("LabelMarginalLoss <= 1.2x nnU-Net's CE", (NNUNET_CE,)),
+)
+SHORT_REFERENCE = {NNUNET_DICE_I: "Dice I", NNUNET_DICE_BI: "Dice BI", NNUNET_DEFAULT: "DC_and_CE",
+                   COPY: "copy", NNUNET_CE: "CE"}
+
+
+def _setting_name(summary: dict) -> str:
+    batch, channels, *spatial = summary["shape"]
+    return f"{batch}x{channels}x{'x'.join(map(str, spatial))} {summary.get('label_dtype', 'int16')}"
+
+
+def _logits(summary: dict) -> int:
+    return math.prod(summary["shape"])
+
+
+def format_sweep_goal(settings: Sequence[dict], title: str, references: Sequence[str]) -> str:
+    """One row per setting: the references' medians, then ``ratio ok|MISSED`` per loss and target."""
+    columns = []  # (loss, target index, header)
+    for entry in settings[0]["results"]:
+        for index, target in enumerate(entry["targets"]):
+            if target["reference"] in references:
+                suffix = f" x {SHORT_REFERENCE[target['reference']]}" if len(references) > 1 else ""
+                columns.append((entry["loss"], index, entry["loss"] + suffix))
+    header = ["size, labels", "logits"] + [f"{SHORT_REFERENCE[r]} ms" for r in references] + [c[2] for c in columns]
+    rows, missed, cells = [], 0, 0
+    for summary in settings:
+        by_name = {e["loss"]: e for e in summary["results"]}
+        row = [_setting_name(summary), f"{_logits(summary) / 1e6:.1f}M"]
+        row += [_ms(by_name.get(r)) for r in references]
+        for loss, index, _ in columns:
+            entry = by_name.get(loss)
+            result = entry["targets"][index] if entry and not entry["error"] else None
+            met = result is not None and result["met"]
+            cells, missed = cells + 1, missed + (not met)
+            row.append("-" if result is None else f"{_fmt_ratio(result['time_ratio'])} {'ok' if met else 'MISSED'}")
+        rows.append(row)
+    return f"#### {title}: met in {cells - missed} of {cells}\n\n" + markdown_table(header, rows)
+
+
+def _ms(entry: Optional[dict]) -> str:
+    return "-" if entry is None or entry["median_ms"] is None else f"{entry['median_ms']:.1f}"
+
+
+def format_sweep(settings: Sequence[dict]) -> str:
+    return "\n\n".join(format_sweep_goal(settings, title, refs) for title, refs in SWEEP_GOALS)
+
+
+def plot_sweep(settings: Sequence[dict], path: str) -> None:
+    """Time per logit (ns) against the number of logits (log x), one panel per label dtype, one line
+    per loss; nnU-Net's references and the copy floor dashed."""
+    from nnunet_losses.commands.output import pyplot, save_figure
+
+    plt = pyplot()
+    label_dtypes = sorted({s.get("label_dtype", "int16") for s in settings})
+    fig, axes = plt.subplots(1, len(label_dtypes), figsize=(6.5 * len(label_dtypes), 5), sharey=True, squeeze=False)
+    references = set(SHORT_REFERENCE)
+    for axis, label_dtype in zip(axes[0], label_dtypes):
+        chosen = sorted((s for s in settings if s.get("label_dtype", "int16") == label_dtype), key=_logits)
+        for index, name in enumerate(e["loss"] for e in chosen[0]["results"]):
+            points = [(_logits(s), e["median_ms"] * 1e6 / _logits(s)) for s in chosen for e in s["results"]
+                      if e["loss"] == name and e["median_ms"] is not None]
+            if points:  # tab20: one colour per line (the default cycle repeats after 10)
+                axis.plot(*zip(*points), marker="o", markersize=3, label=name, color=plt.cm.tab20(index % 20),
+                          linestyle="--" if name in references else "-", linewidth=2 if name in references else 1)
+        axis.set(xscale="log", yscale="log", xlabel="logits per batch (B·C·voxels)", title=f"{label_dtype} label maps")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("forward+backward time per logit (ns)")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -595,6 +698,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="small shapes (quick2d, quick3d), 3 classes, 3 repeats, 1 warm-up: a smoke run in "
                              "seconds; explicit --shapes/--classes/--repeats/--warmup still win")
+    parser.add_argument("--sweep", action="store_true",
+                        help="the size sweep instead of --shapes/--classes: 2d batches 12xCx128^2 ... 12xCx512^2 and 3d "
+                             "2xCx64^3 ... 2xCx160^3 for C = 4 and 14, int16/int64/float32 label maps, time only (no "
+                             "memory run), nnU-Net's rows but not MONAI's; prints one table per goal. With --quick: "
+                             "8 of its sizes, 3 repeats")
+    parser.add_argument("--label-dtype", nargs="+", choices=list(LABEL_DTYPES), default=None,
+                        help="dtypes of the label map. Default: int16 (nnU-Net's dataloader), with --sweep int16 "
+                             "int64 float32")
+    parser.add_argument("--plot", metavar="PNG", default=None,
+                        help="with --sweep (or --from-json of a sweep): also plot time per logit against the number "
+                             "of logits to this file")
     parser.add_argument("--compile", action="store_true",
                         help="also run every loss through torch.compile (nnU-Net's default loss: its Dice part, "
                              "as nnUNetTrainer compiles it) and report compiled time and whether value and "
@@ -614,14 +728,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
-    defaults = dict(shapes=["2d", "3d_fullres"], classes=[4, 14], repeats=7, warmup=2)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            chosen = QUICK[key] if args.quick else value
-            setattr(args, key, [parse_shape(s) for s in chosen] if key == "shapes" else chosen)
+    if args.sweep:
+        _resolve_sweep(args)
+    else:
+        defaults = dict(shapes=["2d", "3d_fullres"], classes=[4, 14], repeats=7, warmup=2, label_dtype=["int16"])
+        for key, value in defaults.items():
+            if getattr(args, key) is None:
+                chosen = QUICK.get(key, value) if args.quick else value
+                setattr(args, key, [parse_shape(s) for s in chosen] if key == "shapes" else chosen)
+        # (batch, *spatial), batch_dice, classes
+        args.plans = [(shape, batch_dice, c) for shape, batch_dice in args.shapes for c in args.classes]
+    if args.plot and not args.sweep:
+        raise SystemExit("expected --sweep with --plot (the plot is of the size sweep), got --plot alone")
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit(f"expected --repeats >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
-    if min(args.classes) < 2:
+    if min(plan[2] for plan in args.plans) < 2:
         raise SystemExit(f"expected --classes >= 2 (background and at least one class), got {args.classes}")
     if args.device == "all":
         args.devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -631,6 +752,19 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
                              "is False); use --device cpu")
         args.devices = [args.device]
     return args
+
+
+def _resolve_sweep(args: argparse.Namespace) -> None:
+    if args.shapes is not None or args.classes is not None:
+        raise SystemExit("expected --sweep without --shapes/--classes (the sweep has its own sizes), got them together")
+    defaults = SWEEP_QUICK_DEFAULTS if args.quick else SWEEP_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    sizes = SWEEP_QUICK if args.quick else SWEEP
+    # nnU-Net's planner: batch_dice True for 2d, False for 3d_fullres
+    args.plans = [((batch, *spatial), len(spatial) == 2, classes) for batch, classes, spatial in sizes]
+    args.classes = sorted({classes for _, classes, _ in sizes})
 
 
 def select_cases(cases: Sequence[Case], patterns: Optional[Sequence[str]]) -> list[Case]:
@@ -644,8 +778,9 @@ def select_cases(cases: Sequence[Case], patterns: Optional[Sequence[str]]) -> li
     return chosen
 
 
-def print_report(path: str) -> int:
-    """Print the tables of an earlier ``--json`` file again (for the README), measuring nothing."""
+def print_report(path: str, plot: Optional[str] = None) -> int:
+    """Print the tables of an earlier ``--json`` file again (for the README), measuring nothing; a sweep's
+    plot is drawn again to ``plot``."""
     import json
 
     with open(path) as f:
@@ -654,49 +789,70 @@ def print_report(path: str) -> int:
     print(f"Command: {report['command']}")
     for summary in report["settings"]:
         print("\n" + format_summary(summary, report["compile"]))
-    print("\n### Targets\n\n" + format_target_overview(report["settings"]))
+    print_overview(report)
     print(f"\nLoad average at the end: {report['machine'].get('load_average_at_end')}")
+    if plot:
+        if not report.get("sweep"):
+            raise SystemExit(f"expected a --sweep JSON file for --plot, got {path}")
+        plot_sweep(report["settings"], plot)
     return 0
+
+
+def print_overview(report: dict) -> None:
+    """The targets across settings: one table per goal for the sweep, the target overview otherwise."""
+    if report.get("sweep"):
+        print("\n### Size sweep\n\n" + format_sweep(report["settings"]))
+    else:
+        print("\n### Targets\n\n" + format_target_overview(report["settings"]))
+
+
+def planned_settings(args: argparse.Namespace):
+    """Every Setting of the run, in the order measured: device, size, classes, dtype, label dtype."""
+    for device in args.devices:
+        dtypes = args.dtype or (["float32", "bfloat16"] if device.startswith("cuda") else ["float32"])
+        for batch_spatial, batch_dice, num_classes in args.plans:
+            for dtype in dtypes:
+                for label_dtype in args.label_dtype:
+                    yield Setting(batch_spatial[0], num_classes, tuple(batch_spatial[1:]), batch_dice, DTYPES[dtype],
+                                  torch.device(device), LABEL_DTYPES[label_dtype])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.from_json:
-        return print_report(args.from_json)
+        return print_report(args.from_json, args.plot)
     args = resolve_arguments(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cases = select_cases(build_cases(), args.losses)
+    cases = select_cases(build_cases(monai=not args.sweep), args.losses)
     machine = machine_info(args.devices[-1])
     print(f"Machine: {describe_machine(machine)}", flush=True)
     report = dict(machine=machine, command=" ".join([os.path.basename(sys.argv[0]), *(argv or sys.argv[1:])]),
-                  repeats=args.repeats, warmup=args.warmup, compile=args.compile, settings=[])
-    for device in args.devices:
-        dtypes = args.dtype or (["float32", "bfloat16"] if device.startswith("cuda") else ["float32"])
-        for (batch_spatial, batch_dice) in args.shapes:
-            for num_classes in args.classes:
-                for dtype in dtypes:
-                    setting = Setting(batch_spatial[0], num_classes, tuple(batch_spatial[1:]), batch_dice,
-                                      DTYPES[dtype], torch.device(device))
-                    rows = measure(setting, cases, args.repeats, args.warmup, args.compile,
-                                   progress=not args.no_progress, profile=args.profile)
-                    summary = summarise(setting, rows)
-                    report["settings"].append(summary)
-                    print("\n" + format_summary(summary, args.compile), flush=True)
-                    for entry in summary["results"]:
-                        if entry.get("profile"):
-                            print(f"\n#### torch.profiler: {entry['loss']}\n\n{entry['profile']}", flush=True)
-                    if args.json:  # after every setting, so an interrupted long run keeps what it measured
-                        write_json(report, args.json)
-    print("\n### Targets\n\n" + format_target_overview(report["settings"]))
+                  repeats=args.repeats, warmup=args.warmup, compile=args.compile, sweep=args.sweep, settings=[])
+    started = time.perf_counter()
+    for setting in planned_settings(args):
+        rows = measure(setting, cases, args.repeats, args.warmup, args.compile, progress=not args.no_progress,
+                       profile=args.profile, memory=not args.sweep)
+        summary = summarise(setting, rows, memory=not args.sweep)
+        report["settings"].append(summary)
+        print("\n" + format_summary(summary, args.compile), flush=True)
+        for entry in summary["results"]:
+            if entry.get("profile"):
+                print(f"\n#### torch.profiler: {entry['loss']}\n\n{entry['profile']}", flush=True)
+        if args.json:  # after every setting, so an interrupted long run keeps what it measured
+            write_json(report, args.json)
+    print_overview(report)
     report["machine"]["load_average_at_end"] = machine_info(args.devices[-1])["load_average"]
-    print(f"\nLoad average at the end: {report['machine']['load_average_at_end']}")
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    print(f"\nLoad average at the end: {report['machine']['load_average_at_end']}; {report['wall_s']} s")
     if args.json:
         write_json(report, args.json)
         print(f"Wrote {args.json}")
+    if args.plot:
+        plot_sweep(report["settings"], args.plot)
+        print(f"Wrote {args.plot}")
     return 0
-
 
 
 if __name__ == "__main__":

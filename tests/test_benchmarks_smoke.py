@@ -58,6 +58,33 @@ def test_quick_loss_benchmark_reports_every_loss(tmp_path):
     assert results["copy floor: x.clone()"]["extra_peak_mib"] * 2**20 == 4 * 3 * 48 * 48 * 4
 
 
+def test_size_sweep_reports_every_goal_per_size_and_label_dtype(tmp_path, monkeypatch, capsys):
+    """--sweep on two tiny sizes (patched in): one setting per size and label dtype, time only, one table
+    per goal with a ratio and ok/MISSED per cell, the plot written, and --from-json prints the same."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_losses
+
+    monkeypatch.setattr(bench_losses, "SWEEP_QUICK", [(2, 3, (8, 8)), (1, 3, (4, 4, 4))])
+    out, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    assert bench_losses.main(["--sweep", "--quick", "--device", "cpu", "--repeats", "1", "--warmup", "0",
+                              "--label-dtype", "int16", "float32", "--no-progress", "--losses", "PhiDiceLoss(phi=I)",
+                              "MimeLoss", "LabelMarginalLoss(l1)", "--json", str(out), "--plot", str(plot)]) == 0
+    report = json.loads(out.read_text())
+    assert [(s["shape"], s["label_dtype"]) for s in report["settings"]] == [
+        ([2, 3, 8, 8], "int16"), ([2, 3, 8, 8], "float32"), ([1, 3, 4, 4, 4], "int16"), ([1, 3, 4, 4, 4], "float32")]
+    for setting in report["settings"]:
+        results = {e["loss"]: e for e in setting["results"]}
+        assert "MONAI DiceCELoss" not in results and results["MimeLoss"]["extra_peak_mib"] is None  # time only
+        assert all(e["error"] is None and e["median_ms"] > 0 for e in results.values())
+    printed = capsys.readouterr().out
+    for title, _ in bench_losses.SWEEP_GOALS:
+        assert f"#### {title}: met in " in printed
+    assert "| 2x3x8x8 float32 |" in printed and ("x ok |" in printed or "x MISSED |" in printed)
+    assert plot.stat().st_size > 0
+    assert bench_losses.main(["--from-json", str(out)]) == 0
+    assert printed.split("### Size sweep")[1].split("Load average")[0] in capsys.readouterr().out
+
+
 def test_training_benchmark_names_trainers_nnunet_finds(monkeypatch):
     # the trainer list of bench_training.py is docs/losses.md §6; a renamed trainer would silently drop out
     monkeypatch.syspath_prepend(str(BENCHMARKS))

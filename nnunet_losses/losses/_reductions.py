@@ -15,6 +15,15 @@ def spatial_sum(t: torch.Tensor) -> torch.Tensor:
     return t.sum(dim=tuple(range(2, t.ndim)), dtype=torch.float32 if t.dtype != torch.float64 else None)
 
 
+def channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``Σ_c a_c b_c`` per voxel of ``(B, C, N)`` tensors (``b`` may be ``(B, C, 1)``), ``(B, 1, N)``, one
+    channel at a time: no logits-sized product, and no bmm over the strided channel axis."""
+    total = a[:, :1] * b[:, :1]
+    for channel in range(1, a.shape[1]):
+        total.addcmul_(a[:, channel:channel + 1], b[:, channel:channel + 1])
+    return total
+
+
 def dice_denominator(prediction: torch.Tensor, ground_truth: torch.Tensor, epsilon) -> torch.Tensor:
     """``P + G + ε``, clamped at 1e-8 like nnU-Net (only matters for ε = 0)."""
     return (prediction + ground_truth + epsilon).clamp_min(1e-8)
