@@ -213,6 +213,9 @@ def build_cases(monai: bool = True) -> list[Case]:
     cases += [
         Case("MarginalDiceLoss", _with_annotated(lambda s: nl.MarginalDiceLoss()), (Target(NNUNET_DICE_I, 1.0, 1.0),)),
         Case("LeafDiceLoss", _with_annotated(lambda s: nl.LeafDiceLoss()), (Target(NNUNET_DICE_I, 1.0, 1.0),)),
+        # the label-set CEs: plain autograd over a dense one-hot target, no target set yet (measured first)
+        Case("MarginalCrossEntropyLoss", _with_annotated(lambda s: nl.MarginalCrossEntropyLoss())),
+        Case("LeafCrossEntropyLoss", _with_annotated(lambda s: nl.LeafCrossEntropyLoss())),
     ]
     for penalty in ("l1", "kl", "dice_bias"):
         cases.append(Case(f"LabelMarginalLoss({penalty})",

@@ -75,6 +75,12 @@ FAMILY_REFERENCE = {
     "nnUNetTrainerLeafDice": DICE_REFERENCE,
     "nnUNetTrainerCEL1": CE_REFERENCE,
     "nnUNetTrainerCEKL": CE_REFERENCE,
+    # the compound trainers compete with nnU-Net's own Dice + CE
+    "nnUNetTrainerDiceICE": BASELINE,
+    "nnUNetTrainerDiceBICE": BASELINE,
+    "nnUNetTrainerDiceIEpsCE": BASELINE,
+    "nnUNetTrainerMarginalDiceCE": BASELINE,
+    "nnUNetTrainerLeafDiceCE": BASELINE,
 }
 DEFAULT_TRAINERS = REFERENCES + tuple(TRAINER_NAMES)
 DEFAULT_BUDGETS = "5x25,20x25"  # the quickstart's budget and 4x that

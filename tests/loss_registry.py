@@ -406,6 +406,31 @@ LEAF_DICE = Loss(
     integration=(Variant("leaf"), Variant("leaf_sigmoid", SIGMOID)),
 )
 
+def cross_entropy_range(x, y, mask, activation, options):
+    return 0.0, math.inf  # docstrings: [0, ∞) (marginal CE: each term >= log|S| >= 0)
+
+
+# the label-set cross-entropies: their configurations are the defaults (softmax; leaf CE also sigmoid)
+MARGINAL_CE = Loss(
+    "marginal_ce", nl.MarginalCrossEntropyLoss, nl.marginal_cross_entropy,
+    defaults=dict(activation="softmax", ignore_label=None),
+    value_range=cross_entropy_range,
+    activations=("softmax",),
+    annotated=True,
+    invalid={"activation": (
+        Invalid("sigmoid", ValueError, "activation: expected 'softmax' for marginal cross-entropy, got 'sigmoid': "
+                "marginalisation merges missing classes into the background channel, which sigmoid regions do not "
+                "have; use LeafCrossEntropyLoss"),
+    )},
+)
+
+LEAF_CE = Loss(
+    "leaf_ce", nl.LeafCrossEntropyLoss, nl.leaf_cross_entropy,
+    defaults=dict(activation="softmax", ignore_label=None),
+    value_range=cross_entropy_range,
+    annotated=True,
+)
+
 LABEL_MARGINAL = Loss(
     "label_marginal", nl.LabelMarginalLoss, nl.label_marginal_loss,
     defaults=dict(penalty="l1", lam=None, tau=10.0, activation="softmax", ignore_label=None),
@@ -436,7 +461,8 @@ LABEL_MARGINAL = Loss(
 
 # name -> entry; the modules' class names key the module-level tests (test_errors.py)
 LOSSES: dict[str, Loss] = {loss.name: loss for loss in (
-    MIME, NEGATIVE_MIME, DYNAMIC_MIME, PHI_DICE, MARGINAL_DICE, LEAF_DICE, LABEL_MARGINAL)}
+    MIME, NEGATIVE_MIME, DYNAMIC_MIME, PHI_DICE, MARGINAL_DICE, LEAF_DICE, MARGINAL_CE, LEAF_CE,
+    LABEL_MARGINAL)}
 MODULES: dict[str, Loss] = {loss.module.__name__: loss for loss in LOSSES.values()}
 
 

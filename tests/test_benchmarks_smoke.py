@@ -91,7 +91,7 @@ def test_training_benchmark_names_trainers_nnunet_finds(monkeypatch):
     monkeypatch.setenv("nnUNet_extTrainer", os.environ.get("nnUNet_extTrainer", ""))  # restored afterwards
     import bench_training
 
-    assert len(bench_training.TRAINERS) == 11
+    assert len(bench_training.TRAINERS) == 16  # 11 single losses, 5 Dice + CE compounds
     assert bench_training.missing_trainers([bench_training.BASELINE, *bench_training.TRAINERS]) == []
     assert bench_training.short_run_name("nnUNetTrainerMime", 4, 20) == "nnUNetTrainerMime_4ep_20it"
 
@@ -151,7 +151,7 @@ def test_quality_plan_runs_every_trainer_budget_and_repeat(quality):
 
 def test_quality_default_campaign_names_are_found_by_nnunet(quality):
     runs = quality.plan_runs(["synthetic2d"], list(quality.DEFAULT_TRAINERS), [quality.Budget(5, 25)], repeats=1)
-    assert len(runs) == 14
+    assert len(runs) == 19  # nnU-Net's 3 references and our 16 trainers
     assert quality.missing_trainers([run.run_name for run in runs]) == []
 
 

@@ -124,6 +124,9 @@ def test_another_spelling_of_the_same_experiment_is_refused_with_the_canonical_n
     ("nnUNetTrainer_adam_lr0.001", "lr", "nnUNetTrainer_adam"),
     ("nnUNetTrainer_1000ep_10it", "epochs", "nnUNetTrainer_10it"),
     ("nnUNetTrainerLeafDice_bg1", "include_background", "nnUNetTrainerLeafDice"),
+    ("nnUNetTrainerDiceIEps_adam_3ep", "optimizer", "nnUNetTrainerDiceIEps_3ep"),  # its own optimizer is Adam
+    ("nnUNetTrainerDiceIEps_lr0.001", "lr", "nnUNetTrainerDiceIEps"),
+    ("nnUNetTrainerMime_cwbalanced", "class_weights", "nnUNetTrainerMime"),
 ])
 def test_a_token_that_repeats_the_trainers_own_value_is_refused(name, redundant, canonical):
     with pytest.raises(TrainerNameError, match=rf"{redundant} is \w+'s own value already: the name of this "
@@ -231,6 +234,9 @@ class _Network(torch.nn.Module):
     ("nnUNetTrainerMime_adamw_lr3e-4", torch.optim.AdamW, 3e-4),
     ("nnUNetTrainerMime_lr3e-3", torch.optim.SGD, 3e-3),
     ("nnUNetTrainerMime_3ep", torch.optim.SGD, 1e-2),
+    ("nnUNetTrainerDiceIEps_3ep", torch.optim.Adam, 1e-3),  # its paper's optimizer by default
+    ("nnUNetTrainerDiceIEps_sgd", torch.optim.SGD, 1e-2),  # nnU-Net's, one token away
+    ("nnUNetTrainerDiceIEps_sgd_lr3e-3", torch.optim.SGD, 3e-3),
 ])
 def test_the_built_trainer_has_the_named_optimizer_and_learning_rate(planned, monkeypatch, name, optimizer_class, lr):
     from nnunet_losses.training.names import build_trainer
@@ -244,6 +250,25 @@ def test_the_built_trainer_has_the_named_optimizer_and_learning_rate(planned, mo
     assert type(optimizer) is optimizer_class and optimizer.param_groups[0]["lr"] == lr
     assert type(optimizer) is not torch.optim.AdamW or optimizer.param_groups[0]["amsgrad"]  # nnU-Net's AdamW
     assert trainer.name_settings["settings"]["lr"] == lr
+
+
+def test_a_trainers_own_optimizer_without_a_name(planned, monkeypatch):
+    planned.use(monkeypatch)
+    trainer = instantiate(nnUNetTrainerDiceIEps, planned)
+    assert trainer.initial_lr == 1e-3
+    trainer.network = _Network()
+    optimizer, _ = trainer.configure_optimizers()
+    assert type(optimizer) is torch.optim.Adam and optimizer.param_groups[0]["lr"] == 1e-3
+    assert (trainer.num_epochs, trainer.num_iterations_per_epoch) == (1000, 250)  # nnU-Net's budget is kept
+    sgd = trainer_with_settings(nnUNetTrainerDiceIEps, optimizer="sgd", epochs=3)
+    assert sgd.optimizer_name == "sgd" and sgd.name_settings["settings"]["lr"] == 0.01
+
+    class Odd(nnUNetTrainerDiceIEps):
+        optimizer_name = "rmsprop"
+
+    with pytest.raises(ValueError, match=r"Odd.optimizer_name: expected one of \('sgd', 'adam', 'adamw'\), "
+                                         r"got 'rmsprop'"):
+        instantiate(Odd, planned)
 
 
 def test_epochs_and_iterations_set_the_budget(planned, monkeypatch):

@@ -138,7 +138,8 @@ def test_experiment_defaults_to_the_papers_optimizer_for_every_trainer():
     args = experiment.parse_args(["--device", "cpu"])
     assert args.optimizer == "adam"
     # the epochs each task was verified with (README), unless --epochs says otherwise
-    for task_name, name in (("groups", "nnUNetTrainerDiceIEps_adam_8ep_60it"),
+    # (the heuristic epsilon's own optimizer is Adam: its name carries no token for it)
+    for task_name, name in (("groups", "nnUNetTrainerDiceIEps_8ep_60it"), ("groups", "nnUNetTrainerDiceBI_adam_8ep_60it"),
                             ("classes", "nnUNetTrainerLeafDice_adam_16ep_60it")):
         task = experiment.Task(task_name, source="S", partial="P", groups=None, reported_classes=())
         assert name in [run[2] for run in experiment.runs_of(task, args)]
@@ -159,15 +160,20 @@ def test_adam_names_are_found_by_nnunet_and_combine_our_loss_with_nnunets_adam(m
 
     monkeypatch.setenv(ENV_VAR, with_trainer_folder(None))
     for name in nnunet_losses.trainers.TRAINER_NAMES:
-        found = recursive_find_trainer_class_by_name(experiment_trainer := optimizer_choice.trainer_name(name, "adam"))
         ours = getattr(nnunet_losses.trainers, name)
+        experiment_trainer = optimizer_choice.trainer_name(name, "adam")
+        if getattr(ours, "optimizer_name", "sgd") == "adam":  # Adam already (the heuristic epsilon): no token
+            assert experiment_trainer == name
+            continue
+        found = recursive_find_trainer_class_by_name(experiment_trainer)
         assert found.__name__ == experiment_trainer == name + "_adam"
         assert found.__mro__[1] is ours and found._build_loss is ours._build_loss
         assert found.configure_optimizers is nnUNetTrainerVanillaAdam.configure_optimizers
         assert found.name_settings["settings"]["lr"] == 1e-3
-    short = recursive_find_trainer_class_by_name("nnUNetTrainerDiceIEps_adam_3ep_7it")
+    assert optimizer_choice.trainer_name("nnUNetTrainerDiceIEps", "sgd") == "nnUNetTrainerDiceIEps_sgd"
+    short = recursive_find_trainer_class_by_name("nnUNetTrainerDiceIEps_sgd_3ep_7it")
     assert short.__mro__[1].__name__ == "nnUNetTrainerDiceIEps"
-    assert short.name_settings["settings"]["epochs"] == 3 and short.name_settings["settings"]["optimizer"] == "adam"
+    assert short.name_settings["settings"]["epochs"] == 3 and short.name_settings["settings"]["optimizer"] == "sgd"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +221,7 @@ def test_acdc_dry_run_prints_every_command_and_writes_nothing(raw, tmp_path, cap
            f"--cases-file {work / 'acdc_es_frames.txt'}" in out
     assert "write the 2 end-systolic frames" in out
     trained = [s.command[5] for s in steps if s.command and s.command[0] == "nnUNetv2_train"]
-    assert trained == ["nnUNetTrainerDiceI_adam", "nnUNetTrainerDiceBI_adam", "nnUNetTrainerDiceIEps_adam",
+    assert trained == ["nnUNetTrainerDiceI_adam", "nnUNetTrainerDiceBI_adam", "nnUNetTrainerDiceIEps",
                        "nnUNetTrainerMarginalDice_adam", "nnUNetTrainerLeafDice_adam", "nnUNetTrainerDiceI_adam"]
     assert "export nnUNet_extTrainer=" in out
     evaluated = [s.command for s in steps if s.command and s.command[:2] == ["nnunet-losses", "evaluate"]]
@@ -257,11 +263,11 @@ def test_brats_checks_the_lgg_list_against_the_task_and_prints_its_commands(tmp_
     assert f"nnUNetv2_convert_MSD_dataset -i {task} -overwrite_id 501" in out
     assert f"--empty --cases-file {tmp_path / 'work' / 'brats_lgg_cases.txt'}" in out
     assert "--positive HGG" in out
-    assert "-tr nnUNetTrainerDiceIEps_adam -device cuda" in out
+    assert "-tr nnUNetTrainerDiceIEps -device cuda" in out and "-tr nnUNetTrainerDiceBI_adam -device cuda" in out
     recipes.main(["brats", "--msd-folder", str(task), "--lgg-cases", str(lgg), "--dry-run", "--folds", "0",
                   "--optimizer", "sgd"])
     out = capsys.readouterr().out
-    assert "-tr nnUNetTrainerDiceIEps -device cuda" in out and "_adam" not in out
+    assert "-tr nnUNetTrainerDiceIEps_sgd -device cuda" in out and "_adam" not in out
 
 
 def test_whole_tumour_makes_the_msd_labels_one_sigmoid_region(tmp_path):

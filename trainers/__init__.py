@@ -6,6 +6,13 @@ every module in it under its bare name, so it holds trainer modules only. For su
     from nnunet_losses.trainers import nnUNetTrainerMime
 """
 
+from .nnunet_losses_compound_trainers import (
+    nnUNetTrainerDiceBICE,
+    nnUNetTrainerDiceICE,
+    nnUNetTrainerDiceIEpsCE,
+    nnUNetTrainerLeafDiceCE,
+    nnUNetTrainerMarginalDiceCE,
+)
 from .nnunet_losses_dice_trainers import (
     nnUNetTrainerDiceBCI,
     nnUNetTrainerDiceBI,
@@ -29,6 +36,11 @@ TRAINER_NAMES = (
     "nnUNetTrainerLeafDice",
     "nnUNetTrainerCEL1",
     "nnUNetTrainerCEKL",
+    "nnUNetTrainerDiceICE",
+    "nnUNetTrainerDiceBICE",
+    "nnUNetTrainerDiceIEpsCE",
+    "nnUNetTrainerMarginalDiceCE",
+    "nnUNetTrainerLeafDiceCE",
 )
 
 __all__ = [
@@ -37,11 +49,16 @@ __all__ = [
     "nnUNetTrainerCEL1",
     "nnUNetTrainerDiceBCI",
     "nnUNetTrainerDiceBI",
+    "nnUNetTrainerDiceBICE",
     "nnUNetTrainerDiceCI",
     "nnUNetTrainerDiceI",
+    "nnUNetTrainerDiceICE",
     "nnUNetTrainerDiceIEps",
+    "nnUNetTrainerDiceIEpsCE",
     "nnUNetTrainerLeafDice",
+    "nnUNetTrainerLeafDiceCE",
     "nnUNetTrainerMarginalDice",
+    "nnUNetTrainerMarginalDiceCE",
     "nnUNetTrainerMime",
     "nnUNetTrainerNegativeMime",
 ]

@@ -10,6 +10,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_losses import PhiDiceLoss
 from nnunet_losses.training.class_counts import ClassCountsFromSampler
+from nnunet_losses.training.names import OwnOptimizer
 from nnunet_losses.training.loss_assembly import assemble_loss, loss_target_options, num_output_scales
 
 
@@ -47,11 +48,18 @@ class nnUNetTrainerDiceBCI(nnUNetTrainerDiceI):
     phi = "BCI"
 
 
-class nnUNetTrainerDiceIEps(ClassCountsFromSampler, nnUNetTrainerDiceI):
+class nnUNetTrainerDiceIEps(ClassCountsFromSampler, OwnOptimizer, nnUNetTrainerDiceI):
     """Φ = I with the heuristic ε of §2.3: ε_c = the expected voxel count of class c in one training
     patch, estimated from ``count_batches`` batches of this trainer's own training dataloader at the
     start of training, per class and per deep-supervision scale (averaged over DDP ranks), logged,
-    stored in the checkpoints and reused on ``--c``. Learns empty maps."""
+    stored in the checkpoints and reused on ``--c``. Learns empty maps.
+
+    Trained with Adam (nnU-Net's ``nnUNetTrainerVanillaAdam1en3``), as the paper's No New-Net setup:
+    under nnU-Net's SGD (``-tr nnUNetTrainerDiceIEps_sgd``) the large ε suppresses the structure
+    everywhere before the network tells emptied and labelled images apart, and the saturated softmax
+    leaves SGD steps too small to recover (README, partial labels: Dice 0 in both groups)."""
+
+    optimizer_name = "adam"
 
     _class_counts_key = "heuristic_epsilon"
     _class_counts_name = "heuristic epsilon"

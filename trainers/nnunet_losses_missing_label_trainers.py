@@ -9,6 +9,8 @@ nnU-Net imports this module under its bare name from the folder in ``nnUNet_extT
 absolute imports work here.
 """
 
+from torch import nn
+
 from nnunet_losses import LeafDiceLoss, MarginalDiceLoss
 from nnunet_losses.training.loss_assembly import (
     TrainerLossCall,
@@ -26,12 +28,15 @@ class nnUNetTrainerMarginalDice(MissingLabelTrainer):
     epsilon = 1e-7
     include_background = True  # the merged background is where marginalisation acts
 
+    def _missing_label_loss(self) -> nn.Module:
+        """The loss of one output scale, called with the batch's label sets (the compound trainers add CE)."""
+        return MarginalDiceLoss(epsilon=self.epsilon, include_background=self.include_background,
+                                **loss_target_options(self))
+
     def _build_loss(self):
         refuse_regions(self, "marginal Dice merges missing classes into the background channel, which region "
                              "outputs do not have; use nnUNetTrainerLeafDice")
-        loss = MarginalDiceLoss(epsilon=self.epsilon, include_background=self.include_background,
-                                **loss_target_options(self))
-        return assemble_loss(self, TrainerLossCall(loss, self.call_missing_label_loss))
+        return assemble_loss(self, TrainerLossCall(self._missing_label_loss(), self.call_missing_label_loss))
 
 
 class nnUNetTrainerLeafDice(MissingLabelTrainer):
@@ -45,7 +50,10 @@ class nnUNetTrainerLeafDice(MissingLabelTrainer):
     # (seen with Adam in examples/partial_labels: ring Dice 0.12 and 0.82 in two runs)
     include_background = True
 
-    def _build_loss(self):
-        loss = LeafDiceLoss(epsilon=self.epsilon, include_background=self.include_background,
+    def _missing_label_loss(self) -> nn.Module:
+        """The loss of one output scale, called with the batch's label sets (the compound trainers add CE)."""
+        return LeafDiceLoss(epsilon=self.epsilon, include_background=self.include_background,
                             **loss_target_options(self))
-        return assemble_loss(self, TrainerLossCall(loss, self.call_missing_label_loss))
+
+    def _build_loss(self):
+        return assemble_loss(self, TrainerLossCall(self._missing_label_loss(), self.call_missing_label_loss))

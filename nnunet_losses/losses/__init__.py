@@ -13,12 +13,23 @@ from .mime import (
     mime_loss,
     negative_mime_loss,
 )
-from .missing_labels import LeafDiceLoss, MarginalDiceLoss, leaf_dice_loss, marginal_dice_loss
+from .missing_labels import (
+    LeafCrossEntropyLoss,
+    LeafDiceLoss,
+    MarginalCrossEntropyLoss,
+    MarginalDiceLoss,
+    leaf_cross_entropy,
+    leaf_dice_loss,
+    marginal_cross_entropy,
+    marginal_dice_loss,
+)
 
 __all__ = [
     "DynamicMimeLoss",
     "LabelMarginalLoss",
+    "LeafCrossEntropyLoss",
     "LeafDiceLoss",
+    "MarginalCrossEntropyLoss",
     "MarginalDiceLoss",
     "MimeLoss",
     "NegativeMimeLoss",
@@ -27,7 +38,9 @@ __all__ = [
     "dynamic_mime_loss",
     "estimate_epsilon",
     "label_marginal_loss",
+    "leaf_cross_entropy",
     "leaf_dice_loss",
+    "marginal_cross_entropy",
     "marginal_dice_loss",
     "marginal_penalty",
     "mime_loss",

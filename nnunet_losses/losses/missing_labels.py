@@ -1,5 +1,6 @@
-r"""Dice losses for partially labelled data: marginal Dice (Shi et al.) and leaf Dice (Fidon et al.),
-as described in Tilborghs et al. §2.1.
+r"""Losses for partially labelled data: marginal Dice (Shi et al.) and leaf Dice (Fidon et al.), as
+described in Tilborghs et al. §2.1, and the cross-entropies of the same two ideas: Fidon et al.'s
+marginal (label-set) cross-entropy and a leaf cross-entropy that drops the ambiguous voxels.
 
 A sample's annotated label set :math:`A_b \subseteq \{1..C-1\}` says which foreground classes were
 annotated; a voxel labelled 0 in a sample missing class c may really be c. It is passed as
@@ -14,6 +15,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._inputs import check_annotated, check_values, prepare
@@ -27,7 +29,7 @@ from ._options import (
     per_class,
 )
 from ._overlap_sums import overlap_sums, overlap_sums_ground_truth
-from ._reductions import masked_mean, soft_dice
+from ._reductions import masked_mean, soft_dice, voxel_count
 
 
 def _resolve_annotated(annotated, ground_truth, softmax: bool) -> torch.Tensor:
@@ -56,11 +58,11 @@ def _first_contradiction(contradiction: torch.Tensor) -> str:
     return f", got sample {sample} with voxels of class {cls} marked as not annotated"
 
 
-def _refuse_sigmoid(activation):
+def _refuse_sigmoid(activation, loss: str = "marginal Dice", alternative: str = "LeafDiceLoss"):
     if activation != "softmax":
         raise ValueError(
-            "activation: expected 'softmax' for marginal Dice, got 'sigmoid': marginalisation merges missing "
-            "classes into the background channel, which sigmoid regions do not have; use LeafDiceLoss"
+            f"activation: expected 'softmax' for {loss}, got 'sigmoid': marginalisation merges missing "
+            f"classes into the background channel, which sigmoid regions do not have; use {alternative}"
         )
 
 
@@ -218,3 +220,201 @@ class LeafDiceLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"epsilon={self.epsilon.tolist()}, include_background={self.include_background}, "
                 f"activation={self.activation!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# cross-entropy on label sets
+# ------------------------------------------------------------------------------------------------
+def _check_cross_entropy_options(activation, ignore_label, marginal: bool):
+    check_option("activation", activation, ACTIVATIONS)
+    if marginal:
+        _refuse_sigmoid(activation, "marginal cross-entropy", "LeafCrossEntropyLoss")
+    return check_ignore_label(ignore_label)
+
+
+def marginal_cross_entropy(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_mask: Optional[torch.Tensor] = None,
+    annotated: Optional[torch.Tensor] = None,
+    *,
+    activation: str = "softmax",
+    ignore_label: Optional[int] = None,
+) -> torch.Tensor:
+    r"""Marginal (label-set) cross-entropy (Fidon et al.): a voxel's label stands for a set of classes.
+
+    The label set :math:`S_{b,i}` of voxel i of sample b is its own class when that is a foreground
+    class, and :math:`\{0\} \cup U_b` for a background voxel, :math:`U_b` being the classes not in
+    :math:`A_b` (a background voxel may be any of them). With :math:`s = \mathrm{softmax}(x)`, over the
+    :math:`N` counted voxels (the per-voxel mean of nnU-Net's CE):
+
+    .. math::
+        L = \frac{1}{N}\sum_{b,i} m_{b,i}\Big(-\log \sum_{c \in S_{b,i}} s_{b,c,i} + \log |S_{b,i}|\Big)
+
+    computed as :math:`\mathrm{logsumexp}_c\, x - \mathrm{logsumexp}_{c \in S}\, x + \log|S|`, never as the
+    log of a sum of probabilities. Gradient: :math:`\partial L/\partial x_c = m (s_c - [c \in S]\,
+    s_c / \sum_{k \in S} s_k)/N`. With every class annotated (:math:`|S| = 1`) it is nnU-Net's CE
+    (``RobustCrossEntropyLoss``, the ignore label included).
+
+    Reference vs code: :math:`+\log|S|` is Fidon et al.'s definition (their code's marginalisation
+    spreads the set's probability and its target evenly over the set's classes, so a voxel's term is
+    :math:`-\log(\frac{1}{|S|}\sum_{c\in S} s_c)`); it is a constant per voxel, the gradient is that of
+    the merged CE :math:`-\log\sum_{c \in S} s_c`. They add 1e-10 to :math:`e^{x}` before the log and
+    average per image, then over images; we compute exactly and take the mean over the batch's counted
+    voxels (the same without a mask). Softmax only; ``annotated=None`` uses the Σy > 0 fallback
+    (module docstring). Range: :math:`[0, \infty)`; everything masked: 0.
+
+    Example:
+        >>> import math
+        >>> x = torch.tensor([0.5, 0.25, 0.25]).log().view(1, 3, 1, 1).expand(1, 3, 1, 2)  # s = (1/2, 1/4, 1/4)
+        >>> y = torch.tensor([[[[0, 1]]]])                   # class 2 missing: S = {0, 2} on the background voxel
+        >>> round(float(marginal_cross_entropy(x, y)), 6), round(-(math.log(0.75 / 2) + math.log(0.25)) / 2, 6)
+        (1.183562, 1.183562)
+    """
+    ignore_label = _check_cross_entropy_options(activation, ignore_label, marginal=True)
+    return _marginal_cross_entropy(x, y, loss_mask, annotated, ignore_label)
+
+
+def _label_set_inputs(x, y, loss_mask, annotated, activation, ignore_label):
+    """The checked inputs, the ``(B, C)`` annotated table and the dense (one-hot / region) target."""
+    prepared = prepare(x, y, loss_mask, activation, ignore_label)
+    annotated = check_annotated(annotated, x.shape[0], x.shape[1], x.device)
+    ground_truth = overlap_sums_ground_truth(prepared, x.shape[1])
+    annotated = _resolve_annotated(annotated, ground_truth, softmax=activation == "softmax")
+    return prepared, annotated, _dense_target(prepared, x.shape[1])
+
+
+@torch.no_grad()
+def _dense_target(prepared, num_channels: int) -> torch.Tensor:
+    if prepared.labels is None:
+        return prepared.target
+    return F.one_hot(prepared.labels[:, 0], num_channels).movedim(-1, 1).to(prepared.dtype)
+
+
+def _per_voxel(table: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A ``(B, C)`` (or ``(B,)``) table broadcastable against ``(B, C, *spatial)``."""
+    return table.view(table.shape[0], -1, *([1] * (ndim - 2)))
+
+
+def _masked_voxel_mean(values: torch.Tensor, weights: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``Σ w·v / Σ w`` (at least 1 in the denominator, as :func:`voxel_count`): 0 when nothing counts."""
+    if weights is None:
+        return values.sum() / voxel_count(x, None)
+    return (values * weights).sum() / voxel_count(x, weights)
+
+
+@torch.no_grad()
+def _label_sets(target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+    """``(B, C, *spatial)`` bool: class c is in the voxel's label set (its class; on background voxels
+    also the image's missing classes). A voxel of a one-hot target without any class gets every class:
+    its term is dropped, and the logsumexp over the set stays finite."""
+    label_set = (target > 0) | ((target[:, :1] > 0) & _per_voxel(~annotated, target.ndim))
+    return label_set | ~label_set.any(1, keepdim=True)
+
+
+def _marginal_cross_entropy(x, y, loss_mask, annotated, ignore_label):
+    prepared, annotated, target = _label_set_inputs(x, y, loss_mask, annotated, "softmax", ignore_label)
+    label_set = _label_sets(target, annotated)
+    with torch.autocast(x.device.type, enabled=False):  # float32 under autocast, as every loss
+        logits = x.to(prepared.dtype)
+        in_set = logits.masked_fill(~label_set, float("-inf")).logsumexp(1, keepdim=True)
+        set_size = label_set.sum(1, keepdim=True).to(prepared.dtype)
+        per_voxel = logits.logsumexp(1, keepdim=True) - in_set + set_size.log()
+        has_class = (target > 0).any(1, keepdim=True)  # a one-hot voxel without any class adds nothing
+        per_voxel = torch.where(has_class, per_voxel, torch.zeros_like(per_voxel))
+        return _masked_voxel_mean(per_voxel, prepared.mask, x)
+
+
+def leaf_cross_entropy(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_mask: Optional[torch.Tensor] = None,
+    annotated: Optional[torch.Tensor] = None,
+    *,
+    activation: str = "softmax",
+    ignore_label: Optional[int] = None,
+) -> torch.Tensor:
+    r"""Leaf cross-entropy: the cross-entropy of the voxels whose label is not ambiguous.
+
+    With softmax, a background voxel of a sample missing any class (:math:`A_b \ne \{1..C-1\}`) is
+    ambiguous and does not count; every other counted voxel (:math:`V`, weights :math:`m`) is plain CE:
+
+    .. math::
+        L = \frac{\sum_{b,i \in V} m_{b,i}\,(-\log s_{b,y_{b,i},i})}{\sum_{b,i \in V} m_{b,i}}
+
+    With sigmoid every channel is a region: the binary cross-entropy terms of the (sample, region) pairs
+    not annotated are dropped, and the mean runs over the counted voxels of the annotated regions. With
+    nothing left, 0 with zero gradient. With every class annotated it is nnU-Net's CE
+    (``RobustCrossEntropyLoss``, the ignore label included) or BCE-with-logits averaged over voxels and
+    regions. ``annotated=None`` uses the Σy > 0 fallback (module docstring).
+
+    Reference vs code: Fidon et al.'s code has no leaf cross-entropy: their ``LeafDiceCE`` pairs the
+    leaf Dice with the *marginal* cross-entropy (:func:`marginal_cross_entropy`). This one is the leaf
+    Dice's idea applied to the CE: ambiguous voxels drop out instead of being marginalised.
+    Range: :math:`[0, \infty)`; everything masked: 0.
+
+    Example:
+        >>> import math
+        >>> x = torch.tensor([0.5, 0.25, 0.25]).log().view(1, 3, 1, 1).expand(1, 3, 1, 2)  # s = (1/2, 1/4, 1/4)
+        >>> y = torch.tensor([[[[0, 1]]]])                   # class 2 missing: the background voxel is dropped
+        >>> round(float(leaf_cross_entropy(x, y)), 6), round(-math.log(0.25), 6)
+        (1.386294, 1.386294)
+    """
+    ignore_label = _check_cross_entropy_options(activation, ignore_label, marginal=False)
+    return _leaf_cross_entropy(x, y, loss_mask, annotated, activation, ignore_label)
+
+
+@torch.no_grad()
+def _leaf_weights(target: torch.Tensor, annotated: torch.Tensor, mask: Optional[torch.Tensor],
+                  softmax: bool) -> torch.Tensor:
+    """Per-voxel weights of the leaf CE: ``(B, 1, ...)`` (softmax) or ``(B, C, ...)`` (sigmoid regions)."""
+    if softmax:
+        any_missing = _per_voxel(~annotated[:, 1:].all(1), target.ndim)
+        weights = (~((target[:, :1] > 0) & any_missing)).to(target.dtype)
+    else:
+        weights = _per_voxel(annotated, target.ndim).to(target.dtype).expand_as(target)
+    return weights if mask is None else weights * mask
+
+
+def _leaf_cross_entropy(x, y, loss_mask, annotated, activation, ignore_label):
+    softmax = activation == "softmax"
+    prepared, annotated, target = _label_set_inputs(x, y, loss_mask, annotated, activation, ignore_label)
+    weights = _leaf_weights(target, annotated, prepared.mask, softmax)
+    with torch.autocast(x.device.type, enabled=False):
+        logits = x.to(prepared.dtype)
+        if softmax:
+            per_voxel = -(target * logits.log_softmax(1)).sum(1, keepdim=True)
+        else:
+            per_voxel = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        return _masked_voxel_mean(per_voxel, weights, x)
+
+
+class _LabelSetCrossEntropyModule(nn.Module):
+    """The module form shared by the label-set cross-entropies: options checked at construction."""
+
+    _marginal = False
+
+    def __init__(self, *, activation: str = "softmax", ignore_label: Optional[int] = None):
+        super().__init__()
+        self.ignore_label = _check_cross_entropy_options(activation, ignore_label, marginal=self._marginal)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
+                annotated: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self._marginal:
+            return _marginal_cross_entropy(x, y, loss_mask, annotated, self.ignore_label)
+        return _leaf_cross_entropy(x, y, loss_mask, annotated, self.activation, self.ignore_label)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}, ignore_label={self.ignore_label}"
+
+
+class MarginalCrossEntropyLoss(_LabelSetCrossEntropyModule):
+    """Module form of :func:`marginal_cross_entropy` (softmax only);
+    ``forward(x, y, loss_mask=None, annotated=None)``."""
+
+    _marginal = True
+
+
+class LeafCrossEntropyLoss(_LabelSetCrossEntropyModule):
+    """Module form of :func:`leaf_cross_entropy`; ``forward(x, y, loss_mask=None, annotated=None)``."""

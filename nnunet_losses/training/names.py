@@ -59,7 +59,8 @@ NAME_SETTINGS_CHECKPOINT_KEY = "name_settings"
 SEPARATOR = "_"
 NUMBER = r"\d+(?:\.\d+)?(?:e-?\d+)?"
 NNUNET_DEFAULTS = {"optimizer": "sgd", "lr": 1e-2, "epochs": 1000, "iterations": 250}
-ADAM_LR = 1e-3  # nnU-Net's nnUNetTrainerVanillaAdam1en3 / nnUNetTrainerAdam1en3
+# the learning rate each optimizer starts at: nnU-Net's SGD; its nnUNetTrainerVanillaAdam1en3 / nnUNetTrainerAdam1en3
+OPTIMIZER_LR = {"sgd": 1e-2, "adam": 1e-3, "adamw": 1e-3}
 
 
 class TrainerNameError(ValueError):
@@ -158,8 +159,10 @@ def applicable(token: Token, trainer: type) -> bool:
 def current_values(trainer: type) -> dict:
     """The value each applicable token has on ``trainer`` now (run settings: nnU-Net's defaults when the
     trainer keeps nnU-Net's ``__init__`` and optimizer, else None = set by the trainer)."""
-    keeps_init = all("__init__" not in vars(cls) for cls in trainer.__mro__[:trainer.__mro__.index(nnUNetTrainer)])
-    keeps_optimizer = trainer.configure_optimizers is nnUNetTrainer.configure_optimizers
+    keeps_init = all("__init__" not in vars(cls) for cls in trainer.__mro__[:trainer.__mro__.index(nnUNetTrainer)]
+                     if cls is not OwnOptimizer)
+    own = getattr(trainer, "optimizer_name", None)  # an OwnOptimizer's; else SGD where nnU-Net's is kept
+    optimizer = own or ("sgd" if trainer.configure_optimizers is nnUNetTrainer.configure_optimizers else None)
     values = {}
     for token in TOKENS:
         if not applicable(token, trainer):
@@ -167,15 +170,18 @@ def current_values(trainer: type) -> dict:
         if token.attribute is not None:
             values[token.key] = getattr(trainer, token.attribute)
         elif token.key == "optimizer":
-            values[token.key] = "sgd" if keeps_optimizer else None
+            values[token.key] = optimizer
+        elif token.key == "lr" and own is not None:
+            values[token.key] = OPTIMIZER_LR[own] if keeps_init else None
         else:
             values[token.key] = NNUNET_DEFAULTS[token.key] if keeps_init else None
     return values
 
 
 def optimizer_defaults(settings: dict) -> dict:
-    """What a named optimizer brings along: Adam / AdamW start at nnU-Net's lr 1e-3 (its ``*1en3`` variants)."""
-    return {"lr": ADAM_LR} if settings.get("optimizer") in ("adam", "adamw") else {}
+    """What a named optimizer brings along: its learning rate (Adam / AdamW: nnU-Net's ``*1en3`` variants' 1e-3,
+    SGD: nnU-Net's 1e-2)."""
+    return {"lr": OPTIMIZER_LR[settings["optimizer"]]} if "optimizer" in settings else {}
 
 
 def resolved_values(trainer: type, settings: dict) -> dict:
@@ -414,7 +420,28 @@ def build_trainer(resolved: ResolvedName) -> type:
                       __doc__=f"{base.__name__} with {record['settings']} (from its name; see nnunet_losses.training.names).")
     if "optimizer" in settings:
         attributes["configure_optimizers"] = _optimizers()[settings["optimizer"]]
+        if issubclass(base, OwnOptimizer):
+            attributes["optimizer_name"] = settings["optimizer"]
     return type(resolved.name, (base,), attributes)
+
+
+class OwnOptimizer(nnUNetTrainer):
+    """A trainer whose default optimizer is its paper's, not nnU-Net's SGD: ``optimizer_name`` names one of
+    nnU-Net's own configurations, as the optimizer tokens do (``adam``: ``nnUNetTrainerVanillaAdam1en3``),
+    starting at that configuration's learning rate. ``-tr <trainer>_sgd`` is nnU-Net's SGD at 1e-2."""
+
+    optimizer_name = "sgd"  # not `optimizer`: nnU-Net's __init__ sets self.optimizer (the torch optimizer) to None
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        if self.optimizer_name not in OPTIMIZER_LR:
+            raise ValueError(f"{type(self).__name__}.optimizer_name: expected one of {tuple(OPTIMIZER_LR)}, "
+                             f"got {self.optimizer_name!r}")
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = OPTIMIZER_LR[self.optimizer_name]
+
+    def configure_optimizers(self):
+        return _optimizers()[self.optimizer_name](self)
 
 
 _BUILT: dict = {}

@@ -1,0 +1,78 @@
+"""Compound trainers: the papers' Dice terms inside nnU-Net's compound, Dice + cross-entropy, weight 1
+each as in nnU-Net's default ``DC_and_CE_loss`` (they compete with ``nnUNetTrainer``, not with the
+Dice-only trainers).
+
+- Φ-Dice (Tilborghs et al.) + nnU-Net's own cross-entropy: ``RobustCrossEntropyLoss`` with the ignore
+  label for label datasets, BCE-with-logits as ``DC_and_BCE_loss`` for region datasets.
+- Marginal Dice + marginal cross-entropy, leaf Dice + leaf cross-entropy: both terms get the same
+  per-case label sets (``MissingLabelTrainer``).
+
+nnU-Net imports this module under its bare name from the folder in ``nnUNet_extTrainer``: only
+absolute imports work here.
+"""
+
+from torch import nn
+
+from nnunet_losses import LeafCrossEntropyLoss, MarginalCrossEntropyLoss
+from nnunet_losses.trainers.nnunet_losses_dice_trainers import nnUNetTrainerDiceI, nnUNetTrainerDiceIEps
+from nnunet_losses.trainers.nnunet_losses_missing_label_trainers import (
+    nnUNetTrainerLeafDice,
+    nnUNetTrainerMarginalDice,
+)
+from nnunet_losses.training.compound import DiceAndCrossEntropy, with_nnunet_cross_entropy
+from nnunet_losses.training.loss_assembly import loss_target_options
+
+
+class _WithNnUNetCrossEntropy:
+    """Adds nnU-Net's cross-entropy to the Dice loss of each output scale (the Dice trainers build every
+    scale's loss in ``_phi_dice_loss``; the heuristic-ε trainer then sets ε on each scale's Dice term)."""
+
+    weight_dice = 1.0
+    weight_ce = 1.0
+
+    def _phi_dice_loss(self) -> nn.Module:
+        return with_nnunet_cross_entropy(self, super()._phi_dice_loss())
+
+
+class nnUNetTrainerDiceICE(_WithNnUNetCrossEntropy, nnUNetTrainerDiceI):
+    """Φ = I Dice (ε = 1e-7, background left out) + nnU-Net's cross-entropy, weight 1 each."""
+
+
+class nnUNetTrainerDiceBICE(nnUNetTrainerDiceICE):
+    """Φ = BI Dice (one term per class over the global batch) + nnU-Net's cross-entropy."""
+
+    phi = "BI"
+
+
+class nnUNetTrainerDiceIEpsCE(_WithNnUNetCrossEntropy, nnUNetTrainerDiceIEps):
+    """Φ = I Dice with the heuristic ε of each output scale (``nnUNetTrainerDiceIEps``) + nnU-Net's
+    cross-entropy, with nnU-Net's SGD: the CE term keeps the labelled structures from being suppressed
+    everywhere, which is why the Dice-only heuristic-ε trainer needs Adam."""
+
+    optimizer_name = "sgd"
+
+
+class _WithLabelSetCrossEntropy:
+    """Adds a label-set cross-entropy to the missing-label Dice of each output scale; the trainer's call
+    (``call_missing_label_loss``) hands the batch's label sets to both terms."""
+
+    weight_dice = 1.0
+    weight_ce = 1.0
+    _cross_entropy_loss = None  # the cross-entropy class of the family
+
+    def _missing_label_loss(self) -> nn.Module:
+        cross_entropy = self._cross_entropy_loss(**loss_target_options(self))
+        return DiceAndCrossEntropy(super()._missing_label_loss(), cross_entropy, self.weight_dice, self.weight_ce)
+
+
+class nnUNetTrainerMarginalDiceCE(_WithLabelSetCrossEntropy, nnUNetTrainerMarginalDice):
+    """Marginal Dice + marginal cross-entropy (Fidon et al.'s label-set CE). Labels (softmax) only."""
+
+    _cross_entropy_loss = MarginalCrossEntropyLoss
+
+
+class nnUNetTrainerLeafDiceCE(_WithLabelSetCrossEntropy, nnUNetTrainerLeafDice):
+    """Leaf Dice + leaf cross-entropy (ambiguous voxels dropped). Labels (softmax) and regions (sigmoid:
+    the BCE of the annotated regions)."""
+
+    _cross_entropy_loss = LeafCrossEntropyLoss
