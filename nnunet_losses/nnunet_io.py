@@ -340,6 +340,21 @@ def datasets_with_id(dataset_id: int) -> list:
     return list(find_candidate_datasets(dataset_id))
 
 
+def new_dataset_name(target_id: int, target_name: str) -> str:
+    """``DatasetXXX_Name`` for a dataset a command is about to write; a used id or a bad name is the user's error."""
+    if isinstance(target_id, bool) or not isinstance(target_id, int) or not 1 <= target_id <= 999:
+        raise UserInputError(f"target_id: expected a dataset id in [1, 999] (nnU-Net names datasets DatasetXXX_Name), "
+                             f"got {target_id!r}")
+    existing = datasets_with_id(target_id)
+    if existing:
+        raise UserInputError(f"target_id: expected an unused dataset id, got {target_id}, already used by "
+                             f"{', '.join(existing)} (in nnUNet_raw, nnUNet_preprocessed or nnUNet_results)")
+    if not target_name or any(c in target_name for c in "/\\ ") or target_name.startswith("."):
+        raise UserInputError(f"target_name: expected a name without slashes or spaces (e.g. ACDC_partial), got "
+                             f"{target_name!r}")
+    return f"Dataset{target_id:03d}_{target_name}"
+
+
 def training_files(dataset_folder: PathLike, dataset_json: Mapping) -> dict:
     """Case identifier → ``{"images": [...], "label": ...}`` of a raw dataset's training cases, as
     nnU-Net lists them (its ``imagesTr``/``labelsTr`` layout or the dataset.json's ``dataset`` entry).

@@ -25,8 +25,8 @@ from typing import Mapping, NoReturn, Optional, Sequence, Union
 import numpy as np
 
 from ..nnunet_io import (
-    datasets_with_id,
     load_dataset_json,
+    new_dataset_name,
     raw_dataset_name,
     raw_folder,
     read_label_file,
@@ -90,22 +90,6 @@ def _source_dataset(source: Union[str, int]) -> _Source:
     name = raw_dataset_name(source, raw_root)
     folder = os.path.join(raw_root, name)
     return _Source(raw_root, name, folder, load_dataset_json(os.path.join(folder, "dataset.json")))
-
-
-def _target_name(target_id: int, target_name: Optional[str], source_name: str) -> str:
-    if isinstance(target_id, bool) or not isinstance(target_id, int) or not 1 <= target_id <= 999:
-        _fail(f"target_id: expected a dataset id in [1, 999] (nnU-Net names datasets DatasetXXX_Name), got {target_id!r}")
-    existing = datasets_with_id(target_id)
-    if existing:
-        _fail(
-            f"target_id: expected an unused dataset id, got {target_id}, already used by {', '.join(existing)} "
-            "(in nnUNet_raw, nnUNet_preprocessed or nnUNet_results)"
-        )
-    if target_name is None:
-        target_name = source_name[len("DatasetXXX_"):] + "_partial"
-    if not target_name or any(c in target_name for c in "/\\ ") or target_name.startswith("."):
-        _fail(f"target_name: expected a name without slashes or spaces (e.g. ACDC_partial), got {target_name!r}")
-    return f"Dataset{target_id:03d}_{target_name}"
 
 
 def _select_cases(identifiers: list[str], cases_pattern, cases_file, fraction, seed) -> list[str]:
@@ -188,7 +172,8 @@ def derive_partial_dataset(
         _fail("operation: expected exactly one of --remove-labels and --empty, got "
               + ("both" if empty else "neither"))
     source_dataset = _source_dataset(source)
-    target = _target_name(target_id, target_name, source_dataset.name)
+    default_name = source_dataset.name[len("DatasetXXX_"):] + "_partial"
+    target = new_dataset_name(target_id, default_name if target_name is None else target_name)
     target_folder = os.path.join(source_dataset.raw_root, target)
     if os.path.exists(target_folder):
         _fail(f"target: expected a new dataset folder, got existing {target_folder}")

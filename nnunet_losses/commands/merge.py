@@ -37,7 +37,7 @@ import numpy as np
 
 from ..nnunet_io import (
     CASE_SOURCES_KEY,
-    datasets_with_id,
+    new_dataset_name,
     load_dataset_json,
     raw_dataset_name,
     raw_folder,
@@ -52,7 +52,6 @@ from ..nnunet_io import (
 )
 from ..training.label_sets import ANNOTATED_LABELS_KEY, LabelResolver, validate_annotated_labels
 from ._subcommand import add_subcommand, progress, user_input
-from .derive import _target_name as new_dataset_name
 from .output import Table, folder_renamed_into_place, write_json
 
 COMMAND = "merge"
@@ -383,7 +382,7 @@ def merge_datasets(sources: Sequence[Union[str, int]], target_id: int, *, name: 
     if isinstance(sources, (str, int)) or len(sources) < 2:
         _fail(f"sources: expected at least two datasets to merge, got {sources!r}")
     raw_root = raw_folder()
-    target = new_dataset_name(target_id, name or DEFAULT_NAME, source_name="")
+    target = new_dataset_name(target_id, name or DEFAULT_NAME)
     target_folder = os.path.join(raw_root, target)
     if os.path.exists(target_folder):
         _fail(f"target: expected a new dataset folder, got existing {target_folder}")
