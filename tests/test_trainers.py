@@ -148,8 +148,8 @@ def reference_total(reference, kind, outputs, targets, weights):
 TRAINERS = {
     "nnUNetTrainerMime": (
         # before the class counts are estimated (start of training) the class attributes a, b are in place
-        nnUNetTrainerMime, MimeLoss, {"a": 1.0, "b": 1.0, "include_background": True, "reduction": "mean"},
-        lambda x, y, m, act: mime_loss(x, y, m, a=1.0, b=1.0, include_background=True, activation=act),
+        nnUNetTrainerMime, MimeLoss, {"a": 1.9, "b": 0.1, "include_background": True, "reduction": "mean"},
+        lambda x, y, m, act: mime_loss(x, y, m, a=1.9, b=0.1, include_background=True, activation=act),
         ("labels", "labels+ignore", "regions", "regions+ignore")),
     "nnUNetTrainerNegativeMime": (
         # class-balanced: the mime with a = 1, b = 0 (per class once the counts are in)
@@ -383,13 +383,13 @@ def test_hyperparameters_by_subclassing_in_three_lines(planned):
         lam = 0.5
 
     mime = build_trainer(nnUNetTrainerMimeA15, planned)._build_loss()
-    assert all(loss.a.item() == 1.5 and loss.b.item() == 1.0 for loss in our_losses(mime))
-    # zero logits: s = 1/4 per class; per voxel Σ_c w_c s_c = (-a + 3b)/4 = (-1.5 + 3)/4 = 0.375 at every
+    assert all(loss.a.item() == 1.5 and loss.b.item() == pytest.approx(0.1) for loss in our_losses(mime))
+    # zero logits: s = 1/4 per class; per voxel Σ_c w_c s_c = (-a + 3b)/4 = (-1.5 + 0.3)/4 = -0.3 at every
     # scale, and the deep-supervision weights sum to 1
     outputs = [torch.zeros(2, 4, side, side) for side in (16, 8, 4, 2)]
     targets = [torch.randint(0, 4, (2, 1, side, side), generator=torch.Generator().manual_seed(side)).float()
                for side in (16, 8, 4, 2)]
-    assert mime(outputs, targets).item() == pytest.approx(0.375, abs=1e-6)
+    assert mime(outputs, targets).item() == pytest.approx(-0.3, abs=1e-6)
     assert build_trainer(nnUNetTrainerCEL1Half, planned)._build_loss().loss.lam == 0.5
 
 
@@ -488,19 +488,13 @@ def two_scale_trainer(planned, trainer_class=nnUNetTrainerDiceIEps, kind="labels
     return trainer
 
 
-def started_on_label_batches(planned, monkeypatch, tmp_path, trainer_class=nnUNetTrainerDiceIEps):
-    """A two-scale trainer whose on_train_start counted the classes of label_batches (2 batches)."""
+def test_eps_trainer_estimates_from_its_training_dataloader_at_start(planned, monkeypatch, tmp_path):
     monkeypatch.setattr(nnUNetTrainer, "on_train_start", lambda self: None)  # no real dataloaders needed
-    trainer = own_log(two_scale_trainer(planned, trainer_class), tmp_path)
+    trainer = own_log(two_scale_trainer(planned), tmp_path)
     trainer.count_batches = 2
     trainer.loss = trainer._build_loss()
     trainer.dataloader_train = iter(label_batches())
     trainer.on_train_start()
-    return trainer
-
-
-def test_eps_trainer_estimates_from_its_training_dataloader_at_start(planned, monkeypatch, tmp_path):
-    trainer = started_on_label_batches(planned, monkeypatch, tmp_path)
     assert [e.tolist() for e in trainer.class_counts] == EXPECTED_LABEL_EPSILON
     assert [loss.epsilon.tolist() for loss in trainer.epsilon_losses] == EXPECTED_LABEL_EPSILON
     assert f"Heuristic epsilon estimated, per deep-supervision scale (rows) and class (columns): " \
@@ -563,15 +557,20 @@ def test_balanced_class_scales_by_hand():
 
 
 # label_batches' counts: scale 0 (2, 1, 0.25, 0.5) -> k as above; scale 1 (0.25, 0.25, 0, 0.25) -> k = 1
-BALANCED_A = BALANCED_B = [[0.46875, 0.9375, 3.75, 1.875], [1.0] * 4]  # a = b = 1 times k
+BALANCED_A = [[1.9 * k for k in (0.46875, 0.9375, 3.75, 1.875)], [1.9] * 4]
+BALANCED_B = [[0.1 * k for k in (0.46875, 0.9375, 3.75, 1.875)], [0.1] * 4]
 
 
 def test_mime_trainer_balances_its_weights_from_its_training_dataloader(planned, monkeypatch, tmp_path):
-    trainer = started_on_label_batches(planned, monkeypatch, tmp_path, nnUNetTrainerMime)
+    monkeypatch.setattr(nnUNetTrainer, "on_train_start", lambda self: None)
+    trainer = own_log(two_scale_trainer(planned, nnUNetTrainerMime), tmp_path)
+    trainer.count_batches = 2
+    trainer.loss = trainer._build_loss()
+    trainer.dataloader_train = iter(label_batches())
+    trainer.on_train_start()
     assert [c.tolist() for c in trainer.class_counts] == EXPECTED_LABEL_EPSILON
-    for name, expected in (("a", BALANCED_A), ("b", BALANCED_B)):
-        per_scale = torch.stack([getattr(loss, name) for loss in trainer.mime_losses])
-        torch.testing.assert_close(per_scale, torch.tensor(expected, dtype=torch.float64))
+    torch.testing.assert_close(torch.stack([loss.a for loss in trainer.mime_losses]), torch.tensor(BALANCED_A, dtype=torch.float64))
+    torch.testing.assert_close(torch.stack([loss.b for loss in trainer.mime_losses]), torch.tensor(BALANCED_B, dtype=torch.float64))
     assert "Estimating the class counts for the mime weights from 2 training batches" in log_text(trainer)
     assert "Class-balanced mime weights, per deep-supervision scale (rows) and class (columns): a = " in log_text(trainer)
     outputs, targets = scale_batches("labels", seed=3, size=4, scales=2)
@@ -580,7 +579,12 @@ def test_mime_trainer_balances_its_weights_from_its_training_dataloader(planned,
 
 
 def test_negative_mime_balanced_is_the_mime_with_a_k_and_b_0(planned, monkeypatch, tmp_path):
-    trainer = started_on_label_batches(planned, monkeypatch, tmp_path, nnUNetTrainerNegativeMime)
+    monkeypatch.setattr(nnUNetTrainer, "on_train_start", lambda self: None)
+    trainer = own_log(two_scale_trainer(planned, nnUNetTrainerNegativeMime), tmp_path)
+    trainer.count_batches = 2
+    trainer.loss = trainer._build_loss()
+    trainer.dataloader_train = iter(label_batches())
+    trainer.on_train_start()
     assert trainer.mime_losses[0].a.tolist() == [0.46875, 0.9375, 3.75, 1.875]
     assert trainer.mime_losses[0].b.tolist() == [0.0] * 4
 

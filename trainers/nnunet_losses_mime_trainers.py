@@ -9,16 +9,12 @@ with 1/size. Without it (``class_weights = "fixed"``, ``-tr nnUNetTrainerMime_cw
 experiments) a linear loss under nnU-Net's SGD settles on the background: a structure of 1-2 % of the
 image then gets about 1/30 of CE's push and is never predicted (benchmarks/README.md, training quality).
 
-Why ``a = b = 1`` by default, not the paper's ``a = 1.9, b = 0.1``: at a voxel the loss prefers class c
-over class d where ``p_c (a_c + b_d) > p_d (b_c + a_d)``, an unbiased (p_c > p_d) choice only when
-``a_c - b_c`` is the same for every class. With one ``a, b`` for every class that always holds, and
-under softmax only ``a + b`` reaches the gradient (``b·Σ_c s_c`` is constant): the paper's mime and
-``a = b = 1`` have the same gradient, ``-tr nnUNetTrainerMime_cwfixed`` IS the paper's mime for label
-datasets. With per-class ``k_c·a, k_c·b`` it holds only for ``a = b``; ``a = 1.9, b = 0.1`` then lets
-a class of ``k`` 40 times the background's win where its probability is 5 % (measured: the vessel
-predicted at 1.2-1.6x its volume, ``-tr nnUNetTrainerMime_a1.9_b0.1``). ``a_c = b_c`` is also what the
-Dice gradient's two values are where the prediction matches the label (eq. 6: ``2(U - I)/U² = 2I/U²``
-at ``I = |y|, U = 2|y|``), each inversely proportional to the class's size.
+The price, measured: with per-class weights the voxel's choice is no longer p_c > p_d but
+``p_c (a_c + b_d) > p_d (b_c + a_d)``, so a small class wins from about ``b/(a+b)`` = 5 % probability
+and is over-segmented (the vessel at 1.2-1.6x its volume at 5x25). ``a = b`` would keep the choice
+unbiased, but then a class of share f starts with a net push down, ``k(b(1-f) - a f) > 0`` wherever
+``b/a > f/(1-f)``, and is never predicted (``a = b = 1``: lesion and vessel at 0.00x their volume).
+A linear loss cannot have both; Dice can, because its push ``2I/U²`` grows with the overlap.
 
 nnU-Net imports this module under its bare name from the folder in ``nnUNet_extTrainer``: only
 absolute imports work here.
@@ -92,13 +88,12 @@ class ClassBalancedMimeTrainer(ClassCountsFromSampler, nnUNetTrainer):
 
 
 class nnUNetTrainerMime(ClassBalancedMimeTrainer):
-    """Mime loss ``Σ w·s / N``, ``w = -a·y + b·(1-y)`` (paper eq. 9), class-balanced by default, with
-    ``a = b = 1`` (the module docstring says why; the paper's ``ω = -2y + 0.1`` is ``a=1.9, b=0.1``, the
-    same gradient as ``a = b = 1`` under softmax). ``a``/``b`` may be per-class sequences. Labels
+    """Mime loss ``Σ w·s / N``, ``w = -a·y + b·(1-y)`` (paper eq. 9; ``a=1.9, b=0.1`` is its
+    ``ω = -2y + 0.1``), class-balanced by default. ``a``/``b`` may be per-class sequences. Labels
     (softmax) and regions (sigmoid)."""
 
-    a = 1.0
-    b = 1.0
+    a = 1.9
+    b = 0.1
 
     def _weights(self) -> tuple:
         return self.a, self.b
