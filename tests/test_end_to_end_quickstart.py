@@ -72,3 +72,13 @@ def test_quickstart_help_explains_every_option():
     for option in ("--work-dir", "--trainers", "--epochs", "--iterations", "--cases", "--test-cases",
                    "--dataset-id", "--device", "--seed"):
         assert option in result.stdout
+
+
+def test_every_default_row_says_what_it_shows():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quickstart_module", QUICKSTART)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert set(module.ROW_MEANINGS) == set(module.DEFAULT_TRAINERS)
+    assert module.parse_args([]).trainers == list(module.DEFAULT_TRAINERS)
