@@ -5,6 +5,7 @@ No timing assertions: speed is measured by ``benchmarks/``, never by tests.
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -311,3 +312,55 @@ def test_quality_datasets_have_large_small_thin_and_absent_structures(quality, t
         assert array.shape == (spec.size,) * spec.dimensions
         columns = np.argwhere(array == quality.LABELS["vessel"])[:, -1]
         assert np.ptp(columns) + 1 <= 3  # thin: 3 pixels / voxels wide
+
+
+# ----------------------------------------------------------------------------------------------
+# fp16_numerics.py: float16 autocast and nnU-Net's GradScaler loop (issue #15; the CUDA run is gpu_check.sh's)
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def fp16_numerics(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import fp16_numerics
+
+    return fp16_numerics
+
+
+def test_fp16_numerics_has_a_row_for_every_loss_and_nnunet_default(fp16_numerics):
+    names = [case.name for case in fp16_numerics.numerics_cases()]
+    assert "nnU-Net default: DC_and_CE_loss" in names and "copy floor: x.clone()" not in names
+    for cls in _loss_classes():  # a loss added to the package without a row fails here
+        assert any(name.split("(")[0] == cls for name in names), f"{cls} missing from fp16_numerics"
+
+
+def test_fp16_numerics_runs_two_losses_on_cpu_with_finite_values(fp16_numerics, tmp_path, capsys):
+    out = tmp_path / "fp16.json"
+    losses = ["NegativeMimeLoss", "PhiDiceLoss(phi=I)"]
+    status = fp16_numerics.main(["--device", "cpu", "--quick", "--shapes", "2,8,8", "--classes", "3", "--steps", "2",
+                                 "--losses", *losses, "--json", str(out)])
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert status == 0 and report["all_ok"] and report["steps"] == 2
+    assert f"Autocast dtype: {report['autocast_dtype']}" in printed  # float16, or bfloat16 where CPU has none
+    (setting,) = report["settings"]
+    results = {entry["loss"]: entry for entry in setting["results"]}
+    assert set(losses) | {"nnU-Net default: DC_and_CE_loss"} <= set(results)
+    for name, entry in results.items():
+        train = entry["train"]
+        assert entry["error"] is None, f"{name}: {entry['error']}"
+        assert entry["loss_finite"] and entry["grad_finite"]
+        for value in (entry["loss_value"], entry["grad_max_abs"], train["first_loss"], train["last_loss"]):
+            assert value is not None and math.isfinite(value), name  # write_json turns NaN into null
+        assert train["nonfinite_loss_steps"] == 0 and train["nonfinite_grad_steps"] == 0
+        assert train["skipped_steps"] is None and train["final_scale"] is None  # no GradScaler on CPU
+        assert f"| {name} |" in printed
+    assert "| n/a | n/a | ok |" in printed  # skipped steps and final scale
+
+
+def test_fp16_numerics_verdict_flags_non_finite_values_and_extra_skipped_steps(fp16_numerics):
+    # 9 skips in all, 3 of them after the scaler's search for its scale ended: only those 3 count
+    entry = dict(error=None, loss_finite=True, grad_finite=True,
+                 train=dict(nonfinite_loss_steps=0, nonfinite_grad_steps=None, skipped_steps=9,
+                            skipped_after_first_step=3))
+    assert fp16_numerics.verdict(entry, reference_skipped=3) == "ok"
+    assert fp16_numerics.verdict(entry, reference_skipped=2) == "FAIL: more skipped steps than nnU-Net default"
+    assert fp16_numerics.verdict(dict(entry, grad_finite=False), None) == "FAIL: non-finite gradient"
