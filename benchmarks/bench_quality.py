@@ -785,10 +785,11 @@ def plot_curves(results: dict, path: Path) -> Path:
             axes[row][column].axis("off")
     fig.tight_layout()  # before the legends: laid out with them, the panels would shrink to leave them room
     for row, by_budget in enumerate(groups.values()):
-        axes[row][len(by_budget) - 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5),
-                                             title="trainer (runs)", title_fontsize=7)
+        for column in range(len(by_budget)):  # each panel its own trainers and run counts, below it
+            axes[row][column].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
+                                     title="trainer (runs)", title_fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90, bbox_inches="tight")  # the legends stand right of the panels
+    fig.savefig(path, dpi=90, bbox_inches="tight")  # the legends stand below the panels
     plt.close(fig)
     return path
 
