@@ -42,10 +42,10 @@ ROW_MEANINGS = {
                                  "SGD: linear in the probabilities, it settles on the background and loses the small "
                                  "and thin structures",
     "nnUNetTrainerMime": "the same mime with per-class weights from the class counts (Kervadec §2.3, this "
-                         "trainer's default): the thin vessel and the lesion are learned again, somewhat "
+                         "trainer's default): the thin vessel is learned again, the lesion in some runs, both "
                          "over-segmented",
     "nnUNetTrainerDiceICE": "the paper's image-wise Dice (Tilborghs, Phi = I) + nnU-Net's CE: nnU-Net's own "
-                            "recipe with the paper's Dice term, as good as the reference",
+                            "recipe with the paper's Dice term, within the reference's run-to-run spread",
 }
 DATASET_NAME = "Quickstart"
 

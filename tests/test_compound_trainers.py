@@ -185,14 +185,15 @@ def test_weights_are_class_attributes(planned):
 # the heuristic ε, label sets, regions
 # ----------------------------------------------------------------------------------------------
 def test_eps_compound_sets_the_estimated_epsilon_on_each_scales_dice_term(planned):
-    # nnUNetTrainerDiceIEps sets `loss.epsilon` on each of its per-scale losses: here the compound's Dice term
+    # nnUNetTrainerDiceIEps sets ε on each scale's Dice term (epsilon_losses): here inside the compound
     trainer = build_trainer(trainers.nnUNetTrainerDiceIEpsCE, planned, "labels")
     loss = trainer._build_loss()
     assert isinstance(loss, PerScaleDeepSupervision) and len(trainer.epsilon_losses) == 4
+    assert [compound.dice for compound in our_losses(loss)] == trainer.epsilon_losses
     per_scale = [torch.tensor([0.0, 2.0, 0.5, 8.0], dtype=torch.float64) * (scale + 1) for scale in range(4)]
-    for compound, epsilon in zip(trainer.epsilon_losses, per_scale):
-        compound.epsilon = epsilon.clone()
-        assert compound.dice.epsilon.tolist() == epsilon.tolist()
+    trainer.class_counts = per_scale
+    trainer._use_class_counts()  # what on_train_start and --c do with the estimate
+    assert [compound.dice.epsilon.tolist() for compound in our_losses(loss)] == [e.tolist() for e in per_scale]
     outputs, targets = scale_batches("labels", seed=23)
     expected = sum(w * (phi_dice_loss(x, y, phi="I", epsilon=e) + nnunet_ce(x, y, "labels"))
                    for w, e, x, y in zip(NNUNET_WEIGHTS, per_scale, outputs, targets) if w)

@@ -488,13 +488,19 @@ def two_scale_trainer(planned, trainer_class=nnUNetTrainerDiceIEps, kind="labels
     return trainer
 
 
-def test_eps_trainer_estimates_from_its_training_dataloader_at_start(planned, monkeypatch, tmp_path):
+def started_on_label_batches(planned, monkeypatch, tmp_path, trainer_class=nnUNetTrainerDiceIEps):
+    """A two-scale trainer whose on_train_start counted the classes of label_batches (2 batches)."""
     monkeypatch.setattr(nnUNetTrainer, "on_train_start", lambda self: None)  # no real dataloaders needed
-    trainer = own_log(two_scale_trainer(planned), tmp_path)
+    trainer = own_log(two_scale_trainer(planned, trainer_class), tmp_path)
     trainer.count_batches = 2
     trainer.loss = trainer._build_loss()
     trainer.dataloader_train = iter(label_batches())
     trainer.on_train_start()
+    return trainer
+
+
+def test_eps_trainer_estimates_from_its_training_dataloader_at_start(planned, monkeypatch, tmp_path):
+    trainer = started_on_label_batches(planned, monkeypatch, tmp_path)
     assert [e.tolist() for e in trainer.class_counts] == EXPECTED_LABEL_EPSILON
     assert [loss.epsilon.tolist() for loss in trainer.epsilon_losses] == EXPECTED_LABEL_EPSILON
     assert f"Heuristic epsilon estimated, per deep-supervision scale (rows) and class (columns): " \
@@ -556,21 +562,18 @@ def test_balanced_class_scales_by_hand():
         balanced_class_scales(torch.zeros(2))
 
 
-# label_batches' counts: scale 0 (2, 1, 0.25, 0.5) -> k as above; scale 1 (0.25, 0.25, 0, 0.25) -> k = 1
+# label_batches' counts: scale 0 (2, 1, 0.25, 0.5) -> k as above; scale 1 (0.25, 0.25, 0, 0.25) -> the
+# unsampled class counts as 0.25 too, k = 1; a, b = 1.9 k, 0.1 k
 BALANCED_A = [[1.9 * k for k in (0.46875, 0.9375, 3.75, 1.875)], [1.9] * 4]
 BALANCED_B = [[0.1 * k for k in (0.46875, 0.9375, 3.75, 1.875)], [0.1] * 4]
 
 
 def test_mime_trainer_balances_its_weights_from_its_training_dataloader(planned, monkeypatch, tmp_path):
-    monkeypatch.setattr(nnUNetTrainer, "on_train_start", lambda self: None)
-    trainer = own_log(two_scale_trainer(planned, nnUNetTrainerMime), tmp_path)
-    trainer.count_batches = 2
-    trainer.loss = trainer._build_loss()
-    trainer.dataloader_train = iter(label_batches())
-    trainer.on_train_start()
+    trainer = started_on_label_batches(planned, monkeypatch, tmp_path, nnUNetTrainerMime)
     assert [c.tolist() for c in trainer.class_counts] == EXPECTED_LABEL_EPSILON
-    torch.testing.assert_close(torch.stack([loss.a for loss in trainer.mime_losses]), torch.tensor(BALANCED_A, dtype=torch.float64))
-    torch.testing.assert_close(torch.stack([loss.b for loss in trainer.mime_losses]), torch.tensor(BALANCED_B, dtype=torch.float64))
+    for name, expected in (("a", BALANCED_A), ("b", BALANCED_B)):
+        per_scale = torch.stack([getattr(loss, name) for loss in trainer.mime_losses])
+        torch.testing.assert_close(per_scale, torch.tensor(expected, dtype=torch.float64))
     assert "Estimating the class counts for the mime weights from 2 training batches" in log_text(trainer)
     assert "Class-balanced mime weights, per deep-supervision scale (rows) and class (columns): a = " in log_text(trainer)
     outputs, targets = scale_batches("labels", seed=3, size=4, scales=2)
@@ -579,12 +582,7 @@ def test_mime_trainer_balances_its_weights_from_its_training_dataloader(planned,
 
 
 def test_negative_mime_balanced_is_the_mime_with_a_k_and_b_0(planned, monkeypatch, tmp_path):
-    monkeypatch.setattr(nnUNetTrainer, "on_train_start", lambda self: None)
-    trainer = own_log(two_scale_trainer(planned, nnUNetTrainerNegativeMime), tmp_path)
-    trainer.count_batches = 2
-    trainer.loss = trainer._build_loss()
-    trainer.dataloader_train = iter(label_batches())
-    trainer.on_train_start()
+    trainer = started_on_label_batches(planned, monkeypatch, tmp_path, nnUNetTrainerNegativeMime)
     assert trainer.mime_losses[0].a.tolist() == [0.46875, 0.9375, 3.75, 1.875]
     assert trainer.mime_losses[0].b.tolist() == [0.0] * 4
 

@@ -24,14 +24,14 @@ from nnunet_losses.training.loss_assembly import loss_target_options
 
 
 class _WithNnUNetCrossEntropy:
-    """Adds nnU-Net's cross-entropy to the Dice loss of each output scale (the Dice trainers build every
-    scale's loss in ``_phi_dice_loss``; the heuristic-ε trainer then sets ε on each scale's Dice term)."""
+    """Adds nnU-Net's cross-entropy to the Dice term of each output scale (the Dice trainers' ``_scale_loss``;
+    the heuristic-ε trainer keeps the Dice terms themselves in ``epsilon_losses`` and sets ε there)."""
 
     weight_dice = 1.0
     weight_ce = 1.0
 
-    def _phi_dice_loss(self) -> nn.Module:
-        return with_nnunet_cross_entropy(self, super()._phi_dice_loss())
+    def _scale_loss(self, dice: nn.Module) -> nn.Module:
+        return with_nnunet_cross_entropy(self, dice)
 
 
 class nnUNetTrainerDiceICE(_WithNnUNetCrossEntropy, nnUNetTrainerDiceI):

@@ -7,6 +7,7 @@ absolute imports work here.
 """
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch import nn
 
 from nnunet_losses import PhiDiceLoss
 from nnunet_losses.training.class_counts import ClassCountsFromSampler
@@ -26,8 +27,12 @@ class nnUNetTrainerDiceI(nnUNetTrainer):
         return PhiDiceLoss(phi=self.phi, epsilon=self.epsilon, include_background=self.include_background,
                            ddp=self.is_ddp, **loss_target_options(self))
 
+    def _scale_loss(self, dice: PhiDiceLoss) -> nn.Module:
+        """What one output scale is trained with, given its Dice term (the compound trainers add CE)."""
+        return dice
+
     def _build_loss(self):
-        return assemble_loss(self, self._phi_dice_loss())
+        return assemble_loss(self, self._scale_loss(self._phi_dice_loss()))
 
 
 class nnUNetTrainerDiceCI(nnUNetTrainerDiceI):
@@ -69,10 +74,10 @@ class nnUNetTrainerDiceIEps(ClassCountsFromSampler, OwnOptimizer, nnUNetTrainerD
         if self.phi not in ("I", "BI"):
             raise ValueError(f"{type(self).__name__}.phi: expected 'I' or 'BI' (a per-class epsilon needs one "
                              f"Dice term per class), got {self.phi!r}")
-        self.epsilon_losses = [self._phi_dice_loss() for _ in range(num_output_scales(self))]
+        self.epsilon_losses = [self._phi_dice_loss() for _ in range(num_output_scales(self))]  # the Dice terms
         if self.class_counts is not None:
             self._use_class_counts()
-        return assemble_loss(self, self.epsilon_losses)
+        return assemble_loss(self, [self._scale_loss(dice) for dice in self.epsilon_losses])
 
     def _use_class_counts(self):
         for loss, epsilon in zip(self.epsilon_losses, self.class_counts):

@@ -13,7 +13,8 @@ The price, measured: with per-class weights the voxel's choice is no longer p_c 
 ``p_c (a_c + b_d) > p_d (b_c + a_d)``, so a small class wins from about ``b/(a+b)`` = 5 % probability
 and is over-segmented (the vessel at 1.2-1.6x its volume at 5x25). ``a = b`` would keep the choice
 unbiased, but then a class of share f starts with a net push down, ``k(b(1-f) - a f) > 0`` wherever
-``b/a > f/(1-f)``, and is never predicted (``a = b = 1``: lesion and vessel at 0.00x their volume).
+``b/a > f/(1-f)``, and is never predicted (``a = b = 1``: lesion and vessel at 0.00x their volume, one
+run).
 A linear loss cannot have both; Dice can, because its push ``2I/U²`` grows with the overlap.
 
 nnU-Net imports this module under its bare name from the folder in ``nnUNet_extTrainer``: only

@@ -29,15 +29,6 @@ class DiceAndCrossEntropy(nn.Module):
         self.weight_dice = float(weight_dice)
         self.weight_ce = float(weight_ce)
 
-    @property
-    def epsilon(self) -> torch.Tensor:
-        """The Dice term's ε: where the heuristic-ε trainer reads and sets it, per output scale."""
-        return self.dice.epsilon
-
-    @epsilon.setter
-    def epsilon(self, value: torch.Tensor) -> None:
-        self.dice.epsilon = value
-
     def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
                 **label_sets) -> torch.Tensor:
         total = 0.0
