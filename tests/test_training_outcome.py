@@ -24,8 +24,9 @@ pytestmark = pytest.mark.slow
 DATASET_ID = 946
 # seed 1: organ (large) and vessel (thin) in every one of the 5 training images, the lesion in 2 of them
 DATASET_SEED = 1
-# a fraction of the quickstart's budget at which nnU-Net's own DC+CE (the first case) finds both
-EPOCHS, ITERATIONS = 3, 15
+# 75 iterations: at 45, nnUNetTrainerCEL1 once predicted the vessel nowhere (CI, 5e48e43); nnU-Net's own
+# DC+CE (the first case) must find both too
+EPOCHS, ITERATIONS = 5, 15
 REFERENCE = "nnUNetTrainer"
 
 
