@@ -351,12 +351,17 @@ def test_decathlon_merge_dry_run_prints_every_command_and_writes_nothing(raw, tm
     trained = [(s.command[1], s.command[5]) for s in steps if s.command and s.command[0] == "nnUNetv2_train"]
     assert trained == [("Dataset600_LiverPancreasSpleen", "nnUNetTrainerMarginalDice_srcsqrt_adam"),
                        ("Dataset600_LiverPancreasSpleen", "nnUNetTrainerLeafDice_srcsqrt_adam"),
+                       ("Dataset600_LiverPancreasSpleen", "nnUNetTrainerMarginalDiceCE_srcsqrt_adam"),
+                       ("Dataset600_LiverPancreasSpleen", "nnUNetTrainerLeafDiceCE_srcsqrt_adam"),
                        ("Dataset600_LiverPancreasSpleen", "nnUNetTrainer_adam"),
                        ("Dataset003_Liver", "nnUNetTrainer_adam"), ("Dataset007_Pancreas", "nnUNetTrainer_adam"),
                        ("Dataset009_Spleen", "nnUNetTrainer_adam")]
     evaluated = [s.command for s in steps if s.command and s.command[:2] == ["nnunet-losses", "evaluate"]]
-    assert len(evaluated) == 3
+    assert len(evaluated) == 5  # every model of the merged dataset, per source; not the per-source references
     assert all(str(raw / "Dataset600_LiverPancreasSpleen" / "case_sources.json") in c for c in evaluated)
+    assert [c[2] for c in evaluated] == [str(raw.parent / "nnUNet_results" / "Dataset600_LiverPancreasSpleen" /
+                                             f"{t}__nnUNetPlans__3d_fullres" / "fold_0" / "validation")
+                                         for _, t in trained[:5]]
     assert not work.exists() and not list(raw.iterdir())
     # every trained name resolves to a trainer with the settings it spells (nnU-Net's lookup)
     from nnunet_losses.training.discovery import ENV_VAR, with_trainer_folder
@@ -379,7 +384,8 @@ def test_decathlon_merge_without_sampling_or_references(raw, tmp_path):
     steps = recipes.main(["decathlon-merge", "--msd-folders", *map(str, tasks[:2]), "--dry-run", "--folds", "1",
                           "--source-sampling", "none", "--no-per-source", "--optimizer", "sgd"])
     trained = [s.command[5] for s in steps if s.command and s.command[0] == "nnUNetv2_train"]
-    assert trained == ["nnUNetTrainerMarginalDice", "nnUNetTrainerLeafDice", "nnUNetTrainer"]
+    assert trained == ["nnUNetTrainerMarginalDice", "nnUNetTrainerLeafDice", "nnUNetTrainerMarginalDiceCE",
+                       "nnUNetTrainerLeafDiceCE", "nnUNetTrainer"]
     plan = next(s.command for s in steps if s.command and s.command[0] == "nnUNetv2_plan_and_preprocess")
     assert plan == ["nnUNetv2_plan_and_preprocess", "-d", "600", "-c", "3d_fullres"]
 
@@ -457,12 +463,15 @@ def test_merge_experiment_runs_name_the_sampling_optimizer_and_budget():
     assert merge_experiment.runs_of(args, "Dataset973_SyntheticBody", sources) == [
         ("MarginalDice", "Dataset973_SyntheticBody", "nnUNetTrainerMarginalDice_srcsqrt_adam_1ep_2it"),
         ("LeafDice", "Dataset973_SyntheticBody", "nnUNetTrainerLeafDice_srcsqrt_adam_1ep_2it"),
+        ("MarginalDiceCE", "Dataset973_SyntheticBody", "nnUNetTrainerMarginalDiceCE_srcsqrt_adam_1ep_2it"),
+        ("LeafDiceCE", "Dataset973_SyntheticBody", "nnUNetTrainerLeafDiceCE_srcsqrt_adam_1ep_2it"),
         ("naive merge (nnUNetTrainer)", "Dataset973_SyntheticBody", "nnUNetTrainer_adam_1ep_2it"),
         ("OrganLesion only", "Dataset970_OrganLesion", "nnUNetTrainer_adam_1ep_2it")]
     args = merge_experiment.parse_args(["--device", "cpu", "--source-sampling", "none", "--optimizer", "sgd",
                                         "--no-per-source"])
     assert [run[2] for run in merge_experiment.runs_of(args, "M", sources)] == [
-        "nnUNetTrainerMarginalDice_8ep_60it", "nnUNetTrainerLeafDice_8ep_60it", "nnUNetTrainer_8ep_60it"]
+        "nnUNetTrainerMarginalDice_8ep_60it", "nnUNetTrainerLeafDice_8ep_60it", "nnUNetTrainerMarginalDiceCE_8ep_60it",
+        "nnUNetTrainerLeafDiceCE_8ep_60it", "nnUNetTrainer_8ep_60it"]
 
 
 @pytest.mark.parametrize("argv, message", [

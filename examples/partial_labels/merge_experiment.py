@@ -19,8 +19,10 @@ OrganVessel     organ, vessel         8
 
 ``nnunet-losses merge`` makes one dataset of them (one label space, each case's label set in
 dataset.json "annotated_labels", provenance in "case_sources"). Trained on it, with nnU-Net's own
-commands: ``nnUNetTrainerMarginalDice`` and ``nnUNetTrainerLeafDice`` (told what each case
-annotates; cases drawn per source with ``--source-sampling``, the ``_srcsqrt`` token), and nnU-Net's
+commands: ``nnUNetTrainerMarginalDice`` and ``nnUNetTrainerLeafDice`` and their DC+CE forms
+``nnUNetTrainerMarginalDiceCE`` and ``nnUNetTrainerLeafDiceCE`` (with Fidon et al.'s label-set CE; all
+told what each case annotates, cases drawn per source with ``--source-sampling``, the ``_srcsqrt``
+token: ``recipes.MERGE_TRAINERS``), and nnU-Net's
 ``nnUNetTrainer`` on the naive merge (a structure a source did not annotate is background there);
 against them, one ``nnUNetTrainer`` per source. Every model predicts held-out cases of every source
 with ALL structures labelled, and the table gives the Dice of each structure per source of the test
@@ -48,13 +50,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from optimizer_choice import add_optimizer_argument, trainer_name  # noqa: E402
 from quickstart import Runner  # noqa: E402
-from recipes import add_merge_arguments, sampling_token  # noqa: E402
+from recipes import MERGE_TRAINERS, add_merge_arguments, sampling_token  # noqa: E402
 
 STRUCTURES = {"organ": 1, "lesion": 2, "vessel": 3}  # the full label map of the held-out cases
 INTENSITIES = (0.0, 1.0, 2.5, -1.5)  # background, organ, lesion, vessel (times the source's contrast)
 NOISE = 0.35
 FILE_ENDING = ".nii.gz"
-MISSING_LABEL_TRAINERS = ("nnUNetTrainerMarginalDice", "nnUNetTrainerLeafDice")
 NAIVE_TRAINER = "nnUNetTrainer"  # nnU-Net's DC+CE: ignores annotated_labels, a missing structure is background
 MERGED_NAME = "SyntheticBody"
 
@@ -232,7 +233,7 @@ def run_name(trainer: str, args: argparse.Namespace, sampled: bool = False) -> s
 
 def runs_of(args: argparse.Namespace, merged: str, sources: Dict[str, Source]) -> List[tuple]:
     """(row label, dataset, trainer) of every training: the merged dataset's, then one per source."""
-    runs = [(t.replace("nnUNetTrainer", ""), merged, run_name(t, args, sampled=True)) for t in MISSING_LABEL_TRAINERS]
+    runs = [(t.replace("nnUNetTrainer", ""), merged, run_name(t, args, sampled=True)) for t in MERGE_TRAINERS]
     runs.append(("naive merge (nnUNetTrainer)", merged, run_name(NAIVE_TRAINER, args)))
     if args.per_source:
         runs += [(f"{source.name} only", dataset, run_name(NAIVE_TRAINER, args)) for dataset, source in sources.items()]

@@ -29,7 +29,8 @@ nnunet-losses developers (their argument handling and preparation steps are test
     datasets): the Decathlon's liver, pancreas and spleen CTs converted, ``nnunet-losses merge``d into
     one dataset (the two "cancer" labels renamed liver_cancer and pancreas_cancer), cross-validation
     splits made per source (the same cases validate the merged and the per-source models), then 5
-    folds of marginal and leaf Dice (cases drawn per source, ``_srcsqrt``), nnU-Net's ``nnUNetTrainer``
+    folds of marginal and leaf Dice, alone and + their label-set CE (``MarginalDiceCE``, ``LeafDiceCE``;
+    cases drawn per source, ``_srcsqrt``), nnU-Net's ``nnUNetTrainer``
     on the naive merge (a label a dataset did not annotate reads as background) and one
     ``nnUNetTrainer`` per source; the merged models' validation is evaluated per source
     (``--groups case_sources.json``): a structure's Dice counts in the groups that annotate it.
@@ -56,7 +57,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from optimizer_choice import add_optimizer_argument, trainer_name  # noqa: E402
 
 PHI_EPSILON_TRAINERS = ("nnUNetTrainerDiceI", "nnUNetTrainerDiceBI", "nnUNetTrainerDiceIEps")
-MISSING_LABEL_TRAINERS = ("nnUNetTrainerMarginalDice", "nnUNetTrainerLeafDice")
+MISSING_LABEL_TRAINERS = ("nnUNetTrainerMarginalDice", "nnUNetTrainerLeafDice")  # Tilborghs' Dice terms
+# a merge trains as practitioners do, DC+CE: the same Dice terms + Fidon et al.'s label-set CE
+MERGE_TRAINERS = MISSING_LABEL_TRAINERS + ("nnUNetTrainerMarginalDiceCE", "nnUNetTrainerLeafDiceCE")
 LABEL_MARGINAL_TRAINERS = ("nnUNetTrainerCELoss", "nnUNetTrainerCEL1", "nnUNetTrainerCEKL")  # CELoss: nnU-Net's
 ACDC_INFO_FRAME = re.compile(r"^\s*(ED|ES)\s*:\s*(\d+)\s*$")
 
@@ -355,15 +358,16 @@ def decathlon_merge_recipe(args) -> List[Step]:
                  **{name: preprocessed / name / "splits_final.json" for name in sources if args.per_source}})),
     ]
     runs = [(merged, trainer_name(t + sampling_token(args.source_sampling), args.optimizer))
-            for t in MISSING_LABEL_TRAINERS]
+            for t in MERGE_TRAINERS]
     runs += [(merged, trainer_name(NAIVE_MERGE_TRAINER, args.optimizer))]
+    merged_runs = len(runs)
     runs += [(name, trainer_name(NAIVE_MERGE_TRAINER, args.optimizer)) for name in sources if args.per_source]
     for fold in args.folds:
         for dataset, trainer in runs:
             steps.append(Step(f"train {trainer} on {dataset}, fold {fold}",
                               ["nnUNetv2_train", dataset, args.configuration, str(fold), "-tr", trainer,
                                "-device", args.device]))
-    for dataset, trainer in runs[:3]:
+    for dataset, trainer in runs[:merged_runs]:
         for fold in args.folds:
             fold_folder = results / dataset / f"{trainer}__nnUNetPlans__{args.configuration}" / f"fold_{fold}"
             steps.append(Step(f"evaluate {trainer} fold {fold} per source", [
