@@ -364,3 +364,55 @@ def test_fp16_numerics_verdict_flags_non_finite_values_and_extra_skipped_steps(f
     assert fp16_numerics.verdict(entry, reference_skipped=3) == "ok"
     assert fp16_numerics.verdict(entry, reference_skipped=2) == "FAIL: more skipped steps than nnU-Net default"
     assert fp16_numerics.verdict(dict(entry, grad_finite=False), None) == "FAIL: non-finite gradient"
+
+
+# ----------------------------------------------------------------------------------------------
+# training_dynamics.py: the probes on nnU-Net's loss and gradient clipping (issue #10's diagnosis)
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def dynamics(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import training_dynamics
+
+    return training_dynamics
+
+
+def test_dynamics_probe_records_ce_push_in_closed_form(dynamics):
+    # mean CE over N voxels: dL/dx_c = (s_c - y_c) / N, so the push up of class c at its voxels is
+    # sum over them of (1 - s_c) / N, and the push down elsewhere sum of s_c / N; deep supervision: only x[0]
+    torch.manual_seed(0)
+    logits = [torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True), torch.randn(2, 3, 2, 2)]
+    labels = [torch.randint(0, 3, (2, 1, 4, 5)), torch.zeros(2, 1, 2, 2)]
+    labels[0][0, 0, 0, 0] = 2  # every class present
+    labels[0][0, 0, 0, 1] = 1
+
+    def loss(x, y):
+        return torch.nn.functional.cross_entropy(x[0], y[0][:, 0].long())
+
+    steps = []
+    value = dynamics.LossProbe(loss, 3, steps)(logits, labels)
+    value.backward()
+    (step,) = steps
+    s = torch.softmax(logits[0].detach(), 1)
+    y = labels[0][:, 0]
+    n = y.numel()
+    for c in range(3):
+        assert step["prob_in"][c] == pytest.approx(float(s[:, c][y == c].mean()))
+        assert step["prob_out"][c] == pytest.approx(float(s[:, c][y != c].mean()))
+        assert step["push_in"][c] == pytest.approx(float((1 - s[:, c][y == c]).sum() / n))
+        assert step["push_out"][c] == pytest.approx(float(s[:, c][y != c].sum() / n))
+    assert step["loss"] == pytest.approx(float(value))
+    with torch.no_grad():  # a validation step records nothing
+        dynamics.LossProbe(loss, 3, steps)([x.detach() for x in logits], labels)
+    assert len(steps) == 1
+
+
+def test_dynamics_records_the_gradient_norm_before_clipping(dynamics):
+    weight = torch.nn.Parameter(torch.tensor([30.0, 40.0]))
+    weight.grad = torch.tensor([30.0, 40.0])
+    steps = [{}]
+    with dynamics.gradient_norms_recorded(steps):
+        torch.nn.utils.clip_grad_norm_([weight], 12)
+    assert steps[0]["grad_norm"] == pytest.approx(50.0)  # what nnU-Net's clip saw, not the clipped 12
+    assert torch.linalg.vector_norm(weight.grad) == pytest.approx(12.0)
+    assert torch.nn.utils.clip_grad_norm_.__name__ == "clip_grad_norm_"  # restored

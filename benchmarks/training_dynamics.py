@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""Why a trainer misses a class: what its loss does to each class during nnU-Net's first iterations.
+
+For each (trainer, repeat), nnU-Net's own training loop (``nnUNetTrainer.run_training`` of the trainer
+that ``-tr <trainer>_<E>ep_<I>it`` names, on a dataset of ``bench_quality.py``) runs with two probes
+that change nothing it computes:
+
+* on the loss: for the full-resolution output of every training step (the first deep-supervision
+  scale), per class c, with ``s = softmax(x)`` and ``g = dL/dx`` (the gradient the loss sends into
+  the network's logits, deep-supervision weight included):
+
+  - ``prob_in`` / ``prob_out``: mean ``s_c`` over the voxels of class c / over all other voxels;
+  - ``push_in``: ``-sum g_c`` over the voxels of class c (how hard gradient descent raises ``x_c``
+    where the class is; CE's is about ``share_c * (1 - prob_in)``), ``push_out``: ``sum g_c`` over
+    the other voxels (how hard it lowers ``x_c`` elsewhere);
+  - ``loss``: the step's loss;
+* on ``torch.nn.utils.clip_grad_norm_`` (nnU-Net clips at 12): the parameters' gradient norm
+  before clipping, so ``grad_norm > 12`` marks the steps whose update clipping shrank.
+
+Records go to ``--results`` after each run (reused on a re-run); ``--plot`` draws prob_in (and
+prob_out, dotted) and push_in per class against the iteration, one line per trainer (mean over
+repeats), and the gradient norm.
+
+    python benchmarks/training_dynamics.py --work-dir /tmp/quality_work \\
+        --trainers nnUNetTrainer nnUNetTrainerDiceLoss nnUNetTrainerDiceICE --repeats 2 --plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+from bench_quality import DATASETS, finished_keys, load_results, prepare_dataset, store_record
+from bench_training import nnunet_environment
+from nnunet_losses.training.names import short_run_name
+
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "training_dynamics_cpu.json"
+STATISTICS = ("prob_in", "prob_out", "push_in", "push_out")
+
+
+class LossProbe:
+    """Wraps a trainer's loss: records, per training step, the statistics of the module docstring."""
+
+    def __init__(self, loss, classes: int, steps: list):
+        self.loss, self.classes, self.steps = loss, classes, steps
+
+    def __call__(self, output, target, *args, **kwargs):
+        import torch
+
+        full = output[0] if isinstance(output, (list, tuple)) else output
+        labels = (target[0] if isinstance(target, (list, tuple)) else target)[:, 0].long()
+        value = self.loss(output, target, *args, **kwargs)
+        if full.requires_grad:  # training steps only: validation runs under no_grad
+            step = {"loss": float(value.detach())}
+            self.steps.append(step)
+            probabilities = torch.softmax(full.detach().float(), 1)
+            masks = [labels == c for c in range(self.classes)]
+            for c, mask in enumerate(masks):
+                step.setdefault("prob_in", []).append(float(probabilities[:, c][mask].mean()) if mask.any() else None)
+                step.setdefault("prob_out", []).append(float(probabilities[:, c][~mask].mean()))
+
+            def record_gradient(gradient):
+                for c, mask in enumerate(masks):
+                    step.setdefault("push_in", []).append(float(-gradient[:, c][mask].sum()))
+                    step.setdefault("push_out", []).append(float(gradient[:, c][~mask].sum()))
+
+            full.register_hook(record_gradient)
+        return value
+
+
+@contextlib.contextmanager
+def gradient_norms_recorded(steps: list):
+    """``torch.nn.utils.clip_grad_norm_`` storing the norm it returns in the latest step's record."""
+    import torch
+
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(*args, **kwargs):
+        norm = clip(*args, **kwargs)
+        if steps:
+            steps[-1]["grad_norm"] = float(norm)
+        return norm
+
+    torch.nn.utils.clip_grad_norm_ = recording_clip
+    try:
+        yield
+    finally:
+        torch.nn.utils.clip_grad_norm_ = clip
+
+
+def train_probed(dataset_id: int, configuration: str, run_name: str, device: str) -> dict:
+    """nnU-Net's training loop of ``run_name`` with the probes; returns the per-step records."""
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    trainer = get_trainer_from_args(str(dataset_id), configuration, 0, run_name, "nnUNetPlans",
+                                    device=torch.device(device))
+    trainer.initialize()
+    steps: list = []
+    classes = trainer.label_manager.num_segmentation_heads
+    if trainer.label_manager.has_regions:
+        raise ValueError(f"--dataset: expected a label dataset (softmax), got regions for {run_name}")
+    trainer.loss = LossProbe(trainer.loss, classes, steps)
+    with gradient_norms_recorded(steps), contextlib.redirect_stdout(sys.stderr):
+        trainer.run_training()
+    return {"steps": steps, "classes": classes}
+
+
+def summarize_steps(record: dict, names: Sequence[str]) -> str:
+    """One line per class: prob_in and push_in at the first, middle and last step."""
+    steps = record["steps"]
+    picks = [0, len(steps) // 2, len(steps) - 1]
+    lines = []
+    for c, name in enumerate(names):
+        values = ", ".join(f"it {i + 1}: s={_fmt(steps[i]['prob_in'][c])} push={steps[i]['push_in'][c]:.2e}"
+                           for i in picks)
+        lines.append(f"    {name}: {values}")
+    return "\n".join(lines)
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def mean_series(records: Sequence[dict], key: str, c: int) -> list:
+    """The mean over repeats of ``key`` of class ``c`` per step (steps where every repeat has a value)."""
+    length = min(len(r["steps"]) for r in records)
+    series = []
+    for i in range(length):
+        values = [r["steps"][i][key][c] for r in records if r["steps"][i][key][c] is not None]
+        series.append(statistics.fmean(values) if values else float("nan"))
+    return series
+
+
+def plot(results: dict, names: Sequence[str], path: Path) -> Path:
+    """prob_in and |push_in| per class against the iteration, one line per trainer; and the grad norm."""
+    from nnunet_losses.commands.output import pyplot
+
+    plt = pyplot()
+    plt.rcdefaults()  # nnU-Net's logger, imported for training in this process, set seaborn's large fonts
+    by_trainer: dict = {}
+    for record in results["runs"]:
+        by_trainer.setdefault(record["trainer"], []).append(record)
+    fig, axes = plt.subplots(len(names), 3, figsize=(15, 3.4 * len(names)), squeeze=False)
+    for index, (trainer, records) in enumerate(by_trainer.items()):
+        label, colour = f"{trainer} ({len(records)})", f"C{index}"
+        for c, name in enumerate(names, start=1):
+            row = axes[c - 1]
+            row[0].plot(mean_series(records, "prob_in", c), color=colour, label=label)
+            row[0].plot(mean_series(records, "prob_out", c), color=colour, ls=":")
+            row[0].set(title=f"{name}: mean s_c at its voxels (elsewhere dotted)", xlabel="iteration", yscale="log")
+            row[1].plot([abs(v) for v in mean_series(records, "push_in", c)], color=colour, label=label)
+            row[1].set(title=f"{name}: push up there, -Σ dL/dx_c", xlabel="iteration", yscale="log")
+        length = min(len(r["steps"]) for r in records)
+        norms = [statistics.fmean(r["steps"][i].get("grad_norm", float("nan")) for r in records) for i in range(length)]
+        axes[0][2].plot(norms, color=colour, label=label)
+    axes[0][2].axhline(12, color="k", lw=0.8, ls=":")
+    axes[0][2].set(title="gradient norm before clipping (at 12)", xlabel="iteration",
+                   yscale="log")
+    for row in axes[1:]:
+        row[2].axis("off")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--trainers", nargs="+", default=["nnUNetTrainer", "nnUNetTrainerDiceLoss"],
+                        metavar="TRAINER", help="trainer names (with tokens, without a budget)")
+    parser.add_argument("--dataset", default="synthetic2d", choices=sorted(DATASETS))
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--work-dir", type=Path, default=Path("quality_work"),
+                        help="bench_quality.py's work folder: its prepared datasets are reused")
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--plot", action="store_true", help="draw <results>.png from the finished runs")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("epochs", "iterations", "repeats"):
+        if getattr(args, name) < 1:
+            print(f"--{name}: expected an int >= 1, got {getattr(args, name)}", file=sys.stderr)
+            return 2
+    spec = DATASETS[args.dataset]
+    work = args.work_dir.resolve()
+    raw_folder = prepare_dataset(work, spec, planning_processes=2)
+    names = [n for n, v in sorted(load_json(raw_folder / "dataset.json")["labels"].items(), key=lambda kv: kv[1])][1:]
+    results = load_results(args.results)
+    budget = f"{args.epochs}x{args.iterations}"
+    done = finished_keys(results)
+    with tempfile.TemporaryDirectory(prefix="dynamics_", dir=work) as scratch:
+        os.environ.update({k: v for k, v in nnunet_environment(work, Path(scratch), 0).items()
+                           if k.startswith("nnUNet")})  # before nnunetv2 is imported: it reads them once
+        for repeat in range(args.repeats):
+            for trainer in args.trainers:
+                if (args.dataset, trainer, budget, repeat) in done:
+                    continue
+                run_name = short_run_name(trainer, args.epochs, args.iterations)
+                print(f"{trainer} repeat {repeat}: {run_name} ...", flush=True)
+                record = {"dataset": args.dataset, "trainer": trainer, "budget": budget, "repeat": repeat,
+                          "run_name": run_name, "class_names": names, **train_probed(spec.dataset_id, spec.configuration, run_name,
+                                                               args.device)}
+                results = store_record(args.results, record)
+                print(summarize_steps(record, ["background"] + names), flush=True)
+    if args.plot:
+        print(f"Plot: {plot(results, names, args.results.with_suffix('.png'))}")
+    return 0
+
+
+def load_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
