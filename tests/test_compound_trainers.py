@@ -75,10 +75,12 @@ def marginal_dice_ce(x, y, kind):
 
 
 def leaf_dice_ce(x, y, kind):
+    # Fidon et al.'s LeafDiceCE: the marginal CE with softmax; sigmoid regions: the annotated regions' BCE
     target, mask = with_mask(kind, y)
     act = activation_of(kind)
-    return leaf_dice_loss(x, target, mask, epsilon=1e-7, include_background=True, activation=act) + \
-        leaf_cross_entropy(x, target, mask, activation=act)
+    cross_entropy = leaf_cross_entropy(x, target, mask, activation=act) if act == "sigmoid" else \
+        marginal_cross_entropy(x, target, mask)
+    return leaf_dice_loss(x, target, mask, epsilon=1e-7, include_background=True, activation=act) + cross_entropy
 
 
 # trainer, the reference of one output scale (pure functions on the raw target), the dataset kinds it accepts
@@ -202,7 +204,7 @@ def test_eps_compound_sets_the_estimated_epsilon_on_each_scales_dice_term(planne
 
 @pytest.mark.parametrize("trainer_class,dice,cross_entropy", [
     (trainers.nnUNetTrainerMarginalDiceCE, marginal_dice_loss, marginal_cross_entropy),
-    (trainers.nnUNetTrainerLeafDiceCE, leaf_dice_loss, leaf_cross_entropy),
+    (trainers.nnUNetTrainerLeafDiceCE, leaf_dice_loss, marginal_cross_entropy),
 ], ids=["marginal", "leaf"])
 def test_missing_label_compounds_pass_the_batch_label_sets_to_both_terms(planned, trainer_class, dice, cross_entropy):
     trainer = build_trainer(trainer_class, planned)
@@ -230,7 +232,21 @@ def test_marginal_compound_refuses_region_datasets_at_start_up(planned, kind):
 def test_leaf_compound_with_regions_drops_the_unannotated_regions_bce(planned):
     trainer = build_trainer(trainers.nnUNetTrainerLeafDiceCE, planned, "regions")
     compound = our_losses(trainer._build_loss())[0]
+    assert type(compound.cross_entropy).__name__ == "LeafCrossEntropyLoss"
     assert compound.cross_entropy.activation == "sigmoid" and compound.dice.activation == "sigmoid"
+
+
+def test_leaf_compound_with_labels_supervises_the_background_of_a_case_missing_a_class(planned):
+    # an OrganLesion-like case (class 3 missing): at its background voxels the marginal CE still pushes the
+    # annotated classes 1 and 2 down, where dropping the voxels (leaf CE) would leave them unsupervised
+    trainer = build_trainer(trainers.nnUNetTrainerLeafDiceCE, planned)
+    compound = our_losses(trainer._build_loss())[0]
+    assert type(compound.cross_entropy).__name__ == "MarginalCrossEntropyLoss"
+    x = torch.zeros(1, 4, 2, 2, requires_grad=True)
+    y = torch.tensor([[[[0, 0], [1, 2]]]])
+    compound.cross_entropy(x, y, annotated=torch.tensor([[True, True, True, False]])).backward()
+    # s = 1/4 everywhere; a background voxel's set is {0, 3}: dL/dx_1 = (1/4 - 0) / 4 voxels, dL/dx_0 = (1/4 - 1/2) / 4
+    assert x.grad[0, :, 0, 0].tolist() == pytest.approx([-1 / 16, 1 / 16, 1 / 16, -1 / 16])
 
 
 # ----------------------------------------------------------------------------------------------

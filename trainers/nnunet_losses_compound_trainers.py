@@ -4,8 +4,9 @@ Dice-only trainers).
 
 - Φ-Dice (Tilborghs et al.) + nnU-Net's own cross-entropy: ``RobustCrossEntropyLoss`` with the ignore
   label for label datasets, BCE-with-logits as ``DC_and_BCE_loss`` for region datasets.
-- Marginal Dice + marginal cross-entropy, leaf Dice + leaf cross-entropy: both terms get the same
-  per-case label sets (``MissingLabelTrainer``).
+- Marginal Dice + marginal cross-entropy, leaf Dice + marginal cross-entropy (Fidon et al.'s
+  ``MarginalizedDiceCE`` and ``LeafDiceCE``): both terms get the same per-case label sets
+  (``MissingLabelTrainer``).
 
 nnU-Net imports this module under its bare name from the folder in ``nnUNet_extTrainer``: only
 absolute imports work here.
@@ -58,21 +59,22 @@ class _WithLabelSetCrossEntropy:
 
     weight_dice = 1.0
     weight_ce = 1.0
-    _cross_entropy_loss = None  # the cross-entropy class of the family
 
     def _missing_label_loss(self) -> nn.Module:
-        cross_entropy = self._cross_entropy_loss(**loss_target_options(self))
-        return DiceAndCrossEntropy(super()._missing_label_loss(), cross_entropy, self.weight_dice, self.weight_ce)
+        # the marginal CE with softmax: it alone tells the network where the annotated classes are NOT on
+        # the background voxels of a case that misses a class (dropping those voxels, as the leaf CE
+        # does, leaves the background unsupervised when every source misses a class: in the merge
+        # experiment the vessel was predicted at 20x its volume). Regions: each sigmoid channel is its own
+        # binary problem, and a region not annotated simply has no term (the leaf BCE).
+        cross_entropy = LeafCrossEntropyLoss if self.label_manager.has_regions else MarginalCrossEntropyLoss
+        return DiceAndCrossEntropy(super()._missing_label_loss(), cross_entropy(**loss_target_options(self)),
+                                   self.weight_dice, self.weight_ce)
 
 
 class nnUNetTrainerMarginalDiceCE(_WithLabelSetCrossEntropy, nnUNetTrainerMarginalDice):
-    """Marginal Dice + marginal cross-entropy (Fidon et al.'s label-set CE). Labels (softmax) only."""
-
-    _cross_entropy_loss = MarginalCrossEntropyLoss
+    """Marginal Dice + marginal cross-entropy (Fidon et al.'s ``MarginalizedDiceCE``). Labels (softmax) only."""
 
 
 class nnUNetTrainerLeafDiceCE(_WithLabelSetCrossEntropy, nnUNetTrainerLeafDice):
-    """Leaf Dice + leaf cross-entropy (ambiguous voxels dropped). Labels (softmax) and regions (sigmoid:
-    the BCE of the annotated regions)."""
-
-    _cross_entropy_loss = LeafCrossEntropyLoss
+    """Leaf Dice + marginal cross-entropy, as Fidon et al.'s ``LeafDiceCE``. Labels (softmax) and regions
+    (sigmoid: + the BCE of the annotated regions)."""
