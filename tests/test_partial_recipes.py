@@ -474,10 +474,36 @@ def test_merge_experiment_runs_name_the_sampling_optimizer_and_budget():
         "nnUNetTrainerLeafDiceCE_8ep_60it", "nnUNetTrainer_8ep_60it"]
 
 
+def test_merge_experiment_table_gives_mean_and_std_over_repeats():
+    nan = float("nan")
+    repeats = [{"LeafDice": {"OrganLesion": {"organ": 0.9, "lesion": 0.5, "vessel": nan}}},
+               {"LeafDice": {"OrganLesion": {"organ": 0.7, "lesion": 0.3, "vessel": 0.8}}}]
+    summary = merge_experiment.mean_over_repeats(repeats)["LeafDice"]["OrganLesion"]
+    assert summary["organ"] == (pytest.approx(0.8), pytest.approx(0.1414214), 2)  # sample std: sqrt(0.02)
+    assert summary["vessel"] == (0.8, None, 1)  # a case set without the structure in one repeat: left out
+    table = merge_experiment.result_table(repeats)
+    assert "| LeafDice | OrganLesion | 0.800 ± 0.141 | 0.400 ± 0.141 | 0.800 |" in table
+    assert "| LeafDice | OrganLesion | 0.900 | 0.500 | nan |" in merge_experiment.result_table(repeats[:1])
+
+
+def test_merge_experiment_repeats_train_in_their_own_results_folders(tmp_path, monkeypatch):
+    runner = merge_experiment.Runner(tmp_path / "work")
+    assert merge_experiment.repeat_runner(runner, 0) is runner
+    second = merge_experiment.repeat_runner(runner, 2)
+    assert second.results == tmp_path / "work" / "nnUNet_results_repeat2" and second.results.is_dir()
+    assert second.environment["nnUNet_results"] == str(second.results)
+    assert second.environment["nnUNet_raw"] == runner.environment["nnUNet_raw"]  # the same datasets and plans
+    assert runner.environment["nnUNet_results"] == str(tmp_path / "work" / "nnUNet_results")  # untouched
+    assert merge_experiment.predictions_folder(second) == tmp_path / "work" / "predictions_repeat2"
+    assert merge_experiment.predictions_folder(runner) == tmp_path / "work" / "predictions"
+    assert second.logs == runner.logs / "repeat2"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--cases", "5", "4", "5"], "--cases: expected at least 5 per source (nnU-Net's 5 folds), got [5, 4, 5]"),
     (["--size", "16"], "--size: expected at least 24 voxels, got 16"),
     (["--epochs", "0"], "--epochs: expected an int >= 1, got 0"),
+    (["--repeats", "0"], "--repeats: expected an int >= 1, got 0"),
     (["--dataset-id", "998"], "--dataset-id: expected an ID in [1, 996]"),
 ])
 def test_merge_experiment_arguments_are_checked(argv, message, capsys):

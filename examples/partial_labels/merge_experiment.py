@@ -2,6 +2,7 @@
 (Shi et al., in Tilborghs §2.1) with three generated 3D datasets of one synthetic anatomy.
 
     python examples/partial_labels/merge_experiment.py                     # the real run (not yet measured)
+    python examples/partial_labels/merge_experiment.py --repeats 3         # mean ± std over three trainings
     python examples/partial_labels/merge_experiment.py --epochs 1 --iterations 2 --size 24 --cases 5 5 5
     python examples/partial_labels/merge_experiment.py --help
 
@@ -30,13 +31,15 @@ cases (a per-source model: the structures its source annotates).
 
 Everything happens under --work-dir with its own nnUNet_raw / nnUNet_preprocessed / nnUNet_results
 (yours are never touched); logs go to <work-dir>/logs/. Finished steps are reused when the command is
-run again (an interrupted training continues with --c); delete a folder to redo its step. Results:
-<work-dir>/results.md and .json.
+run again (an interrupted training continues with --c); delete a folder to redo its step. Repeat r > 0
+trains in <work-dir>/nnUNet_results_repeat<r> (same datasets and plans). Results: <work-dir>/results.md
+and .json (the mean over repeats, and every repeat's).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from dataclasses import dataclass
@@ -211,12 +214,31 @@ def structure_dice(predictions: Path, labels: Path, model_labels: dict) -> dict:
     return {name: float(np.nanmean(values)) if values else float("nan") for name, values in scores.items()}
 
 
-def result_table(results: Dict[str, Dict[str, dict]]) -> str:
-    """Markdown: one row per (model, source of the test cases), the Dice of each structure ('—': unknown to it)."""
+def mean_over_repeats(repeats: Sequence[Dict[str, Dict[str, dict]]]) -> Dict[str, Dict[str, dict]]:
+    """model -> source -> structure -> (mean, sample std or None for one repeat, repeats with a value)."""
+    first = repeats[0]
+    summary: Dict[str, Dict[str, dict]] = {}
+    for model, per_source in first.items():
+        for source, scores in per_source.items():
+            for name in scores:
+                values = [r[model][source][name] for r in repeats if not np.isnan(r[model][source][name])]
+                std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+                entry = (float(np.mean(values)) if values else float("nan"), std, len(values))
+                summary.setdefault(model, {}).setdefault(source, {})[name] = entry
+    return summary
+
+
+def result_table(repeats: Sequence[Dict[str, Dict[str, dict]]]) -> str:
+    """Markdown: one row per (model, source of the test cases), the Dice of each structure ('—': unknown to
+    it), mean ± sample std over the repeats where there are several."""
     from nnunet_losses.commands.output import markdown_table
 
-    rows = [[model, source] + [f"{scores[name]:.3f}" if name in scores else "—" for name in STRUCTURES]
-            for model, per_source in results.items() for source, scores in per_source.items()]
+    def cell(entry):
+        mean, std, _ = entry
+        return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+    rows = [[model, source] + [cell(scores[name]) if name in scores else "—" for name in STRUCTURES]
+            for model, per_source in mean_over_repeats(repeats).items() for source, scores in per_source.items()]
     return markdown_table(["model", "test cases of"] + [f"Dice {name}" for name in STRUCTURES], rows, "ll" + "r" * 3)
 
 
@@ -259,6 +281,25 @@ def prepare(runner: Runner, args: argparse.Namespace) -> tuple:
     return merged, sources
 
 
+def repeat_runner(runner: Runner, repeat: int) -> Runner:
+    """The Runner of one repeat: the same datasets and plans; repeat 0 in the work folder's nnUNet_results,
+    repeat r > 0 in nnUNet_results_repeat<r> (predictions and logs likewise), so a repeat is a fresh
+    training (nnU-Net does not seed its sampling: runs differ)."""
+    if repeat == 0:
+        return runner
+    other = copy.copy(runner)
+    other.results = runner.work_dir / f"nnUNet_results_repeat{repeat}"
+    other.logs = runner.logs / f"repeat{repeat}"
+    for folder in (other.results, other.logs):
+        folder.mkdir(parents=True, exist_ok=True)
+    other.environment = dict(runner.environment, nnUNet_results=str(other.results))
+    return other
+
+
+def predictions_folder(runner: Runner) -> Path:
+    return runner.work_dir / runner.results.name.replace("nnUNet_results", "predictions")
+
+
 def evaluate_run(runner: Runner, dataset: str, model: Path, sources: Dict[str, Source],
                  args: argparse.Namespace) -> dict:
     """Test source -> structure -> Dice of one trained model on every source's held-out cases."""
@@ -266,7 +307,7 @@ def evaluate_run(runner: Runner, dataset: str, model: Path, sources: Dict[str, S
     per_source = {}
     for source in sources.values():
         test = runner.work_dir / "test" / source.name
-        output = runner.work_dir / "predictions" / dataset / model.name / source.name
+        output = predictions_folder(runner) / dataset / model.name / source.name
         predict(runner, model, test / "imagesTs", output, args)
         per_source[source.name] = structure_dice(output, test / "labelsTs", labels)
     return per_source
@@ -285,6 +326,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=32, help="volume side in voxels (at least 24)")
     parser.add_argument("--epochs", type=int, default=8, help="epochs per training")
     parser.add_argument("--iterations", type=int, default=60, help="training iterations per epoch")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="trainings of every model (nnU-Net does not seed its sampling); the table gives "
+                             "mean ± std over them")
     add_merge_arguments(parser)
     add_optimizer_argument(parser)
     parser.add_argument("--configuration", default="3d_fullres", help="nnU-Net configuration")
@@ -294,7 +338,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each training and prediction")
     args = parser.parse_args(argv)
-    for name in ("epochs", "iterations", "test_cases", "threads"):
+    for name in ("epochs", "iterations", "repeats", "test_cases", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}")
     if min(args.cases) < 5:
@@ -320,18 +364,24 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(f"Working in {runner.work_dir} ({args.device}, {args.configuration}): {args.epochs} epochs x "
           f"{args.iterations} iterations with {args.optimizer}; logs in {runner.logs}")
     merged, sources = prepare(runner, args)
-    results: Dict[str, dict] = {}
     runs = runs_of(args, merged, sources)
-    for label, dataset, trainer in tqdm(runs, unit="training", dynamic_ncols=True, desc="train, predict, evaluate"):
-        results[label] = evaluate_run(runner, dataset, train(runner, dataset, trainer, args), sources, args)
-    table = result_table(results)
+    repeats: List[Dict[str, dict]] = [{} for _ in range(args.repeats)]
+    steps = [(r, run) for r in range(args.repeats) for run in runs]  # repeat by repeat: a partial run compares all
+    for repeat, (label, dataset, trainer) in tqdm(steps, unit="training", dynamic_ncols=True,
+                                                  desc="train, predict, evaluate"):
+        repeated = repeat_runner(runner, repeat)
+        repeats[repeat][label] = evaluate_run(repeated, dataset, train(repeated, dataset, trainer, args), sources, args)
+    results = mean_over_repeats(repeats)
+    table = result_table(repeats)
     command = "python examples/partial_labels/merge_experiment.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = f"`{command.strip()}`\n\n{table}"
     write_markdown(text, runner.work_dir / "results.md")
-    write_json({"arguments": {k: str(v) for k, v in vars(args).items()}, "runs": runs, "results": results},
-               runner.work_dir / "results.json")
+    mean = {model: {source: {name: entry[0] for name, entry in scores.items()} for source, scores in per_source.items()}
+            for model, per_source in results.items()}
+    write_json({"arguments": {k: str(v) for k, v in vars(args).items()}, "runs": runs, "results": mean,
+                "results_per_repeat": repeats}, runner.work_dir / "results.json")
     print("\n" + text + f"\n\nWritten: {runner.work_dir / 'results.md'}, {runner.work_dir / 'results.json'}")
-    return {"work_dir": runner.work_dir, "results": results, "table": table}
+    return {"work_dir": runner.work_dir, "results": mean, "repeats": repeats, "table": table}
 
 
 if __name__ == "__main__":
