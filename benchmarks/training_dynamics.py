@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import sys
@@ -36,12 +37,13 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-from bench_quality import DATASETS, finished_keys, load_results, prepare_dataset, store_record
+from bench_quality import DATASETS, empty_results, finished_keys, load_results, prepare_dataset, store_record
 from bench_training import nnunet_environment
+from _common import write_json
 from nnunet_losses.training.names import short_run_name
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "training_dynamics_cpu.json"
-STATISTICS = ("prob_in", "prob_out", "push_in", "push_out")
+BENCHMARK = "training dynamics (benchmarks/training_dynamics.py)"
 
 
 class LossProbe:
@@ -199,7 +201,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     spec = DATASETS[args.dataset]
     work = args.work_dir.resolve()
     raw_folder = prepare_dataset(work, spec, planning_processes=2)
-    names = [n for n, v in sorted(load_json(raw_folder / "dataset.json")["labels"].items(), key=lambda kv: kv[1])][1:]
+    labels = json.loads((raw_folder / "dataset.json").read_text())["labels"]
+    names = [name for name, _ in sorted(labels.items(), key=lambda kv: kv[1])][1:]
+    if not args.results.is_file():  # bench_quality's file layout, under this benchmark's name
+        write_json(dict(empty_results(), benchmark=BENCHMARK), args.results)
     results = load_results(args.results)
     budget = f"{args.epochs}x{args.iterations}"
     done = finished_keys(results)
@@ -220,12 +225,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.plot:
         print(f"Plot: {plot(results, names, args.results.with_suffix('.png'))}")
     return 0
-
-
-def load_json(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text())
 
 
 if __name__ == "__main__":
