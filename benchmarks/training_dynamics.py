@@ -9,11 +9,15 @@ that change nothing it computes:
   scale), per class c, with ``s = softmax(x)`` and ``g = dL/dx`` (the gradient the loss sends into
   the network's logits, deep-supervision weight included):
 
+  - ``share``: the class's share of the batch's voxels;
   - ``prob_in`` / ``prob_out``: mean ``s_c`` over the voxels of class c / over all other voxels;
   - ``push_in``: ``-sum g_c`` over the voxels of class c (how hard gradient descent raises ``x_c``
-    where the class is; CE's is about ``share_c * (1 - prob_in)``), ``push_out``: ``sum g_c`` over
-    the other voxels (how hard it lowers ``x_c`` elsewhere);
+    where the class is; CE's is about ``w_0 * share_c * (1 - prob_in)``, ``w_0`` nnU-Net's weight of
+    the full-resolution output, 4/7 with four scales), ``push_out``: ``sum g_c`` over the other voxels
+    (how hard it lowers ``x_c`` elsewhere); divided by the GradScaler's scale where nnU-Net uses one;
   - ``loss``: the step's loss;
+
+  A class absent from the batch has ``prob_in`` and ``push_in`` None (not 0).
 * on ``torch.nn.utils.clip_grad_norm_`` (nnU-Net clips at 12): the parameters' gradient norm
   before clipping, so ``grad_norm > 12`` marks the steps whose update clipping shrank.
 
@@ -42,15 +46,18 @@ from bench_training import nnunet_environment
 from _common import write_json
 from nnunet_losses.training.names import short_run_name
 
-DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "training_dynamics_cpu.json"
+RESULTS_FOLDER = Path(__file__).resolve().parent / "results"
 BENCHMARK = "training dynamics (benchmarks/training_dynamics.py)"
 
 
 class LossProbe:
-    """Wraps a trainer's loss: records, per training step, the statistics of the module docstring."""
+    """Wraps a trainer's loss: records, per training step, the statistics of the module docstring.
 
-    def __init__(self, loss, classes: int, steps: list):
-        self.loss, self.classes, self.steps = loss, classes, steps
+    ``gradient_scale``: what the gradient reaching the logits is multiplied by (nnU-Net's GradScaler on
+    CUDA scales the loss; a callable read at each backward), divided out of the pushes."""
+
+    def __init__(self, loss, classes: int, steps: list, gradient_scale=lambda: 1.0):
+        self.loss, self.classes, self.steps, self.gradient_scale = loss, classes, steps, gradient_scale
 
     def __call__(self, output, target, *args, **kwargs):
         import torch
@@ -58,21 +65,22 @@ class LossProbe:
         full = output[0] if isinstance(output, (list, tuple)) else output
         labels = (target[0] if isinstance(target, (list, tuple)) else target)[:, 0].long()
         value = self.loss(output, target, *args, **kwargs)
-        if full.requires_grad:  # training steps only: validation runs under no_grad
-            step = {"loss": float(value.detach())}
-            self.steps.append(step)
-            probabilities = torch.softmax(full.detach().float(), 1)
-            masks = [labels == c for c in range(self.classes)]
-            for c, mask in enumerate(masks):
-                step.setdefault("prob_in", []).append(float(probabilities[:, c][mask].mean()) if mask.any() else None)
-                step.setdefault("prob_out", []).append(float(probabilities[:, c][~mask].mean()))
+        if not full.requires_grad:  # validation runs under no_grad: nothing to record
+            return value
+        probabilities = torch.softmax(full.detach().float(), 1)
+        masks = [labels == c for c in range(self.classes)]
+        present = [bool(mask.any()) for mask in masks]  # a class absent from the batch: None, not 0
+        step = {"loss": float(value.detach()), "share": [float(mask.float().mean()) for mask in masks],
+                "prob_in": [float(probabilities[:, c][m].mean()) if present[c] else None for c, m in enumerate(masks)],
+                "prob_out": [float(probabilities[:, c][~m].mean()) for c, m in enumerate(masks)]}
+        self.steps.append(step)
 
-            def record_gradient(gradient):
-                for c, mask in enumerate(masks):
-                    step.setdefault("push_in", []).append(float(-gradient[:, c][mask].sum()))
-                    step.setdefault("push_out", []).append(float(gradient[:, c][~mask].sum()))
+        def record_gradient(gradient):
+            gradient = gradient.float() / self.gradient_scale()
+            step["push_in"] = [float(-gradient[:, c][m].sum()) if present[c] else None for c, m in enumerate(masks)]
+            step["push_out"] = [float(gradient[:, c][~m].sum()) for c, m in enumerate(masks)]
 
-            full.register_hook(record_gradient)
+        full.register_hook(record_gradient)
         return value
 
 
@@ -103,12 +111,16 @@ def train_probed(dataset_id: int, configuration: str, run_name: str, device: str
 
     trainer = get_trainer_from_args(str(dataset_id), configuration, 0, run_name, "nnUNetPlans",
                                     device=torch.device(device))
+    if trainer.label_manager.has_regions:
+        raise ValueError(f"--dataset: expected a label dataset (softmax outputs), got regions for {run_name}")
     trainer.initialize()
     steps: list = []
     classes = trainer.label_manager.num_segmentation_heads
-    if trainer.label_manager.has_regions:
-        raise ValueError(f"--dataset: expected a label dataset (softmax), got regions for {run_name}")
-    trainer.loss = LossProbe(trainer.loss, classes, steps)
+
+    def gradient_scale() -> float:
+        return 1.0 if trainer.grad_scaler is None else float(trainer.grad_scaler.get_scale())
+
+    trainer.loss = LossProbe(trainer.loss, classes, steps, gradient_scale)
     with gradient_norms_recorded(steps), contextlib.redirect_stdout(sys.stderr):
         trainer.run_training()
     return {"steps": steps, "classes": classes}
@@ -120,13 +132,14 @@ def summarize_steps(record: dict, names: Sequence[str]) -> str:
     picks = [0, len(steps) // 2, len(steps) - 1]
     lines = []
     for c, name in enumerate(names):
-        values = ", ".join(f"it {i + 1}: s={_fmt(steps[i]['prob_in'][c])} push={steps[i]['push_in'][c]:.2e}"
-                           for i in picks)
+        values = ", ".join(f"it {i + 1}: s={format_value(steps[i]['prob_in'][c])} "
+                           f"push={format_value(steps[i]['push_in'][c])}" for i in picks)
         lines.append(f"    {name}: {values}")
     return "\n".join(lines)
 
 
-def _fmt(value: Optional[float]) -> str:
+def format_value(value: Optional[float]) -> str:
+    """'-' for a class absent from the batch, else 3 significant digits."""
     return "-" if value is None else f"{value:.3g}"
 
 
@@ -140,15 +153,17 @@ def mean_series(records: Sequence[dict], key: str, c: int) -> list:
     return series
 
 
-def plot(results: dict, names: Sequence[str], path: Path) -> Path:
-    """prob_in and |push_in| per class against the iteration, one line per trainer; and the grad norm."""
+def plot(results: dict, dataset: str, budget: str, names: Sequence[str], path: Path) -> Path:
+    """prob_in and push_in per class against the iteration, one line per trainer (the runs of ``dataset``
+    at ``budget``); and the gradient norm."""
     from nnunet_losses.commands.output import pyplot
 
     plt = pyplot()
     plt.rcdefaults()  # nnU-Net's logger, imported for training in this process, set seaborn's large fonts
     by_trainer: dict = {}
     for record in results["runs"]:
-        by_trainer.setdefault(record["trainer"], []).append(record)
+        if (record["dataset"], record["budget"]) == (dataset, budget):
+            by_trainer.setdefault(record["trainer"], []).append(record)
     fig, axes = plt.subplots(len(names), 3, figsize=(15, 3.4 * len(names)), squeeze=False)
     for index, (trainer, records) in enumerate(by_trainer.items()):
         label, colour = f"{trainer} ({len(records)})", f"C{index}"
@@ -186,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--work-dir", type=Path, default=Path("quality_work"),
                         help="bench_quality.py's work folder: its prepared datasets are reused")
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="the JSON file of finished runs; default: results/training_dynamics_<device>.json")
     parser.add_argument("--plot", action="store_true", help="draw <results>.png from the finished runs")
     return parser
 
@@ -198,6 +214,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if getattr(args, name) < 1:
             print(f"--{name}: expected an int >= 1, got {getattr(args, name)}", file=sys.stderr)
             return 2
+    if args.results is None:
+        args.results = RESULTS_FOLDER / f"training_dynamics_{args.device.split(':')[0]}.json"
     spec = DATASETS[args.dataset]
     work = args.work_dir.resolve()
     raw_folder = prepare_dataset(work, spec, planning_processes=2)
@@ -209,21 +227,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     budget = f"{args.epochs}x{args.iterations}"
     done = finished_keys(results)
     with tempfile.TemporaryDirectory(prefix="dynamics_", dir=work) as scratch:
+        # nnU-Net (>= 2.8) reads its folders from the environment when it first uses them, not at import
         os.environ.update({k: v for k, v in nnunet_environment(work, Path(scratch), 0).items()
-                           if k.startswith("nnUNet")})  # before nnunetv2 is imported: it reads them once
+                           if k.startswith("nnUNet")})
         for repeat in range(args.repeats):
             for trainer in args.trainers:
                 if (args.dataset, trainer, budget, repeat) in done:
                     continue
                 run_name = short_run_name(trainer, args.epochs, args.iterations)
                 print(f"{trainer} repeat {repeat}: {run_name} ...", flush=True)
+                try:
+                    probed = train_probed(spec.dataset_id, spec.configuration, run_name, args.device)
+                except ValueError as error:
+                    print(error, file=sys.stderr)
+                    return 2
                 record = {"dataset": args.dataset, "trainer": trainer, "budget": budget, "repeat": repeat,
-                          "run_name": run_name, "class_names": names, **train_probed(spec.dataset_id, spec.configuration, run_name,
-                                                               args.device)}
+                          "device": args.device, "run_name": run_name, "class_names": names, **probed}
                 results = store_record(args.results, record)
                 print(summarize_steps(record, ["background"] + names), flush=True)
     if args.plot:
-        print(f"Plot: {plot(results, names, args.results.with_suffix('.png'))}")
+        print(f"Plot: {plot(results, args.dataset, budget, names, args.results.with_suffix('.png'))}")
     return 0
 
 

@@ -393,6 +393,9 @@ def test_dynamics_probe_records_ce_push_in_closed_form(dynamics):
     value = dynamics.LossProbe(loss, 3, steps)(logits, labels)
     value.backward()
     (step,) = steps
+    bare = logits[0].detach().clone().requires_grad_()
+    loss([bare, logits[1]], labels).backward()
+    assert torch.equal(logits[0].grad, bare.grad)  # passive: the network gets the bare loss's gradient
     s = torch.softmax(logits[0].detach(), 1)
     y = labels[0][:, 0]
     n = y.numel()
@@ -402,17 +405,34 @@ def test_dynamics_probe_records_ce_push_in_closed_form(dynamics):
         assert step["push_in"][c] == pytest.approx(float((1 - s[:, c][y == c]).sum() / n))
         assert step["push_out"][c] == pytest.approx(float(s[:, c][y != c].sum() / n))
     assert step["loss"] == pytest.approx(float(value))
+    assert step["share"] == [pytest.approx(float((y == c).double().mean())) for c in range(3)]
     with torch.no_grad():  # a validation step records nothing
         dynamics.LossProbe(loss, 3, steps)([x.detach() for x in logits], labels)
     assert len(steps) == 1
+
+
+def test_dynamics_probe_leaves_a_class_absent_from_the_batch_out_and_undoes_the_grad_scaler(dynamics):
+    logits = [torch.zeros(1, 3, 2, 2, dtype=torch.float64, requires_grad=True)]
+    labels = [torch.tensor([[[[0, 0], [1, 1]]]])]  # class 2 absent
+
+    def loss(x, y):
+        return 1024.0 * torch.nn.functional.cross_entropy(x[0], y[0][:, 0].long())  # a GradScaler's scaled loss
+
+    steps = []
+    dynamics.LossProbe(loss, 3, steps, gradient_scale=lambda: 1024.0)(logits, labels).backward()
+    (step,) = steps
+    assert step["prob_in"][2] is None and step["push_in"][2] is None  # not a push of 0 that means would average in
+    assert step["push_in"][1] == pytest.approx(2 * (1 - 1 / 3) / 4)  # unscaled: (1 - s) / N over its 2 voxels
+    assert step["push_out"][2] == pytest.approx(4 * (1 / 3) / 4)
 
 
 def test_dynamics_records_the_gradient_norm_before_clipping(dynamics):
     weight = torch.nn.Parameter(torch.tensor([30.0, 40.0]))
     weight.grad = torch.tensor([30.0, 40.0])
     steps = [{}]
+    clip = torch.nn.utils.clip_grad_norm_
     with dynamics.gradient_norms_recorded(steps):
         torch.nn.utils.clip_grad_norm_([weight], 12)
     assert steps[0]["grad_norm"] == pytest.approx(50.0)  # what nnU-Net's clip saw, not the clipped 12
     assert torch.linalg.vector_norm(weight.grad) == pytest.approx(12.0)
-    assert torch.nn.utils.clip_grad_norm_.__name__ == "clip_grad_norm_"  # restored
+    assert torch.nn.utils.clip_grad_norm_ is clip  # restored

@@ -482,8 +482,8 @@ def test_merge_experiment_table_gives_mean_and_std_over_repeats():
     assert summary["organ"] == (pytest.approx(0.8), pytest.approx(0.1414214), 2)  # sample std: sqrt(0.02)
     assert summary["vessel"] == (0.8, None, 1)  # a case set without the structure in one repeat: left out
     table = merge_experiment.result_table(repeats)
-    assert "| LeafDice | OrganLesion | 0.800 ± 0.141 | 0.400 ± 0.141 | 0.800 |" in table
-    assert "| LeafDice | OrganLesion | 0.900 | 0.500 | nan |" in merge_experiment.result_table(repeats[:1])
+    assert "| LeafDice | OrganLesion | 0.800 ± 0.141 | 0.400 ± 0.141 | 0.800 (n=1) |" in table
+    assert "| LeafDice | OrganLesion | 0.900 | 0.500 | nan (n=0) |" in merge_experiment.result_table(repeats[:1])
 
 
 def test_merge_experiment_repeats_train_in_their_own_results_folders(tmp_path, monkeypatch):

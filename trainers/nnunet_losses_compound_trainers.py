@@ -61,11 +61,10 @@ class _WithLabelSetCrossEntropy:
     weight_ce = 1.0
 
     def _missing_label_loss(self) -> nn.Module:
-        # the marginal CE with softmax: it alone tells the network where the annotated classes are NOT on
-        # the background voxels of a case that misses a class (dropping those voxels, as the leaf CE
-        # does, leaves the background unsupervised when every source misses a class: in the merge
-        # experiment the vessel was predicted at 20x its volume). Regions: each sigmoid channel is its own
-        # binary problem, and a region not annotated simply has no term (the leaf BCE).
+        # softmax: the marginal CE, as Fidon et al.'s code pairs it with both Dice terms; on the background
+        # voxels of a case that misses a class it still pushes the annotated classes down, where the leaf
+        # CE drops those voxels (docs/losses.md §3). Regions: each sigmoid channel is its own binary
+        # problem, and a region not annotated simply has no term (the leaf BCE).
         cross_entropy = LeafCrossEntropyLoss if self.label_manager.has_regions else MarginalCrossEntropyLoss
         return DiceAndCrossEntropy(super()._missing_label_loss(), cross_entropy(**loss_target_options(self)),
                                    self.weight_dice, self.weight_ce)

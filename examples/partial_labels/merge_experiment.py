@@ -230,12 +230,13 @@ def mean_over_repeats(repeats: Sequence[Dict[str, Dict[str, dict]]]) -> Dict[str
 
 def result_table(repeats: Sequence[Dict[str, Dict[str, dict]]]) -> str:
     """Markdown: one row per (model, source of the test cases), the Dice of each structure ('—': unknown to
-    it), mean ± sample std over the repeats where there are several."""
+    it), mean ± sample std over the repeats where there are several (``n=`` where fewer had a value)."""
     from nnunet_losses.commands.output import markdown_table
 
     def cell(entry):
-        mean, std, _ = entry
-        return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+        mean, std, count = entry
+        text = f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+        return text if count == len(repeats) else f"{text} (n={count})"  # a structure missing from some repeats
 
     rows = [[model, source] + [cell(scores[name]) if name in scores else "—" for name in STRUCTURES]
             for model, per_source in mean_over_repeats(repeats).items() for source, scores in per_source.items()]
