@@ -1,8 +1,8 @@
 """Quickstart: train nnU-Net with a few of our losses and its default DC+CE on a small synthetic dataset,
 predict held-out cases and compare the per-class Dice.
 
-    python examples/quickstart.py                       # CPU, a few minutes on a laptop
-    python examples/quickstart.py --epochs 10 --device cuda
+    python examples/quickstart.py                       # CPU, about 10 minutes on a laptop
+    python examples/quickstart.py --epochs 5            # a quicker look (the small lesion is then hit or miss)
     python examples/quickstart.py --help
 
 Everything happens under --work-dir (default ./quickstart_work), with its own nnUNet_raw,
@@ -35,17 +35,18 @@ from tqdm import tqdm
 DEFAULT_TRAINERS = ("nnUNetTrainer", "nnUNetTrainerMime_cwfixed", "nnUNetTrainerMime", "nnUNetTrainerDiceICE")
 # what each default row shows, printed under the table (measured over repeats: benchmarks/README.md)
 ROW_MEANINGS = {
-    "nnUNetTrainer": "nnU-Net's default loss, Dice + CE: the reference. At this budget the lesion (about 1 % of "
-                     "the image, absent from some cases) is found in some runs and missed in others, by every "
-                     "trainer: compare it over repeats (benchmarks/bench_quality.py), not from one run",
-    "nnUNetTrainerMime_cwfixed": "the paper's mime (Kervadec eq. 9, one weight for every class) under nnU-Net's "
-                                 "SGD: linear in the probabilities, it settles on the background and loses the small "
-                                 "and thin structures",
+    "nnUNetTrainer": "nnU-Net's default loss, Dice + CE: the reference. At this budget it finds the small lesion "
+                     "(about 1 % of the image, absent from some cases), which shorter runs find in some runs and "
+                     "miss in others",
+    "nnUNetTrainerMime_cwfixed": "the paper's mime (Kervadec eq. 9, one weight pair for every class) under nnU-Net's "
+                                 "SGD: linear in the probabilities, it settles on the background and predicts the "
+                                 "small lesion and the thin vessel nowhere",
     "nnUNetTrainerMime": "the same mime with per-class weights from the class counts (Kervadec §2.3, this "
-                         "trainer's default): the thin vessel is learned again, the lesion in some runs, both "
-                         "over-segmented",
+                         "trainer's default): lesion and vessel are learned, a little below the reference and "
+                         "over-segmented (a linear loss's fixed weights favour the small classes)",
     "nnUNetTrainerDiceICE": "the paper's image-wise Dice (Tilborghs, Phi = I) + nnU-Net's CE: nnU-Net's own "
-                            "recipe with the paper's Dice term, within the reference's run-to-run spread",
+                            "recipe with the paper's Dice term, within the reference's run-to-run spread (Dice "
+                            "alone would lose the lesion: benchmarks/README.md)",
 }
 DATASET_NAME = "Quickstart"
 
@@ -61,7 +62,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--trainers", nargs="+", default=list(DEFAULT_TRAINERS), metavar="TRAINER",
                         help="trainer names, ours (README, section Trainers) or nnU-Net's (nnUNetTrainer is its "
                              "default DC+CE); each runs as the short run <trainer>_<E>ep_<I>it")
-    parser.add_argument("--epochs", type=int, default=5, help="epochs per training")
+    parser.add_argument("--epochs", type=int, default=20,
+                        help="epochs per training (20 x 25 iterations: where the comparison shows the papers' "
+                             "findings, not under-training; about 2-3 minutes per trainer on a 2-core CPU)")
     parser.add_argument("--iterations", type=int, default=25,
                         help="training iterations per epoch (validation: a fifth of it, at least 1)")
     parser.add_argument("--cases", type=int, default=16, help="training cases to generate (at least 5)")
