@@ -484,6 +484,22 @@ def test_merge_experiment_table_gives_mean_and_std_over_repeats():
     table = merge_experiment.result_table(repeats)
     assert "| LeafDice | OrganLesion | 0.800 ± 0.141 | 0.400 ± 0.141 | 0.800 (n=1) |" in table
     assert "| LeafDice | OrganLesion | 0.900 | 0.500 | nan (n=0) |" in merge_experiment.result_table(repeats[:1])
+    # a repeat in progress: the models it has not trained yet count over the finished repeats only
+    repeats[0]["naive"] = {"OrganLesion": {"organ": 0.6, "lesion": 0.2, "vessel": 0.4}}
+    table = merge_experiment.result_table(repeats)
+    assert "| naive | OrganLesion | 0.600 (n=1) | 0.200 (n=1) | 0.400 (n=1) |" in table
+    assert table.index("| LeafDice |") < table.index("| naive |")  # in training order
+
+
+def test_merge_experiment_writes_what_it_finished(tmp_path):
+    args = merge_experiment.parse_args(["--device", "cpu", "--repeats", "2"])
+    repeats = [{"LeafDice": {"OrganLesion": {"organ": 0.9, "lesion": 0.5}}}, {}]  # the second repeat just began
+    text, mean = merge_experiment.write_results(tmp_path, "python merge_experiment.py --repeats 2", args, [], repeats)
+    assert (tmp_path / "results.md").read_text().strip() == text.strip()
+    assert "| LeafDice | OrganLesion | 0.900 (n=1) | 0.500 (n=1) | — |" in text
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored["results"] == mean == {"LeafDice": {"OrganLesion": {"organ": 0.9, "lesion": 0.5}}}
+    assert stored["results_per_repeat"] == repeats and stored["arguments"]["repeats"] == "2"
 
 
 def test_merge_experiment_repeats_train_in_their_own_results_folders(tmp_path, monkeypatch):

@@ -215,13 +215,14 @@ def structure_dice(predictions: Path, labels: Path, model_labels: dict) -> dict:
 
 
 def mean_over_repeats(repeats: Sequence[Dict[str, Dict[str, dict]]]) -> Dict[str, Dict[str, dict]]:
-    """model -> source -> structure -> (mean, sample std or None for one repeat, repeats with a value)."""
-    first = repeats[0]
+    """model -> source -> structure -> (mean, sample std or None below two values, values): over the
+    repeats that trained the model (a repeat in progress has only some) and had the structure."""
     summary: Dict[str, Dict[str, dict]] = {}
-    for model, per_source in first.items():
-        for source, scores in per_source.items():
+    for model in dict.fromkeys(m for r in repeats for m in r):  # in training order
+        trained = [r[model] for r in repeats if model in r]
+        for source, scores in trained[0].items():
             for name in scores:
-                values = [r[model][source][name] for r in repeats if not np.isnan(r[model][source][name])]
+                values = [t[source][name] for t in trained if not np.isnan(t[source][name])]
                 std = float(np.std(values, ddof=1)) if len(values) > 1 else None
                 entry = (float(np.mean(values)) if values else float("nan"), std, len(values))
                 summary.setdefault(model, {}).setdefault(source, {})[name] = entry
@@ -356,7 +357,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    from nnunet_losses.commands.output import write_json, write_markdown
     from nnunet_losses.training.discovery import enable_trainers
 
     args = parse_args(argv)
@@ -368,21 +368,28 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     runs = runs_of(args, merged, sources)
     repeats: List[Dict[str, dict]] = [{} for _ in range(args.repeats)]
     steps = [(r, run) for r in range(args.repeats) for run in runs]  # repeat by repeat: a partial run compares all
+    command = "python examples/partial_labels/merge_experiment.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for repeat, (label, dataset, trainer) in tqdm(steps, unit="training", dynamic_ncols=True,
                                                   desc="train, predict, evaluate"):
         repeated = repeat_runner(runner, repeat)
         repeats[repeat][label] = evaluate_run(repeated, dataset, train(repeated, dataset, trainer, args), sources, args)
-    results = mean_over_repeats(repeats)
-    table = result_table(repeats)
-    command = "python examples/partial_labels/merge_experiment.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = f"`{command.strip()}`\n\n{table}"
-    write_markdown(text, runner.work_dir / "results.md")
-    mean = {model: {source: {name: entry[0] for name, entry in scores.items()} for source, scores in per_source.items()}
-            for model, per_source in results.items()}
-    write_json({"arguments": {k: str(v) for k, v in vars(args).items()}, "runs": runs, "results": mean,
-                "results_per_repeat": repeats}, runner.work_dir / "results.json")
+        # after every training: an interrupted run leaves the table of what it finished
+        text, mean = write_results(runner.work_dir, command, args, runs, repeats)
     print("\n" + text + f"\n\nWritten: {runner.work_dir / 'results.md'}, {runner.work_dir / 'results.json'}")
-    return {"work_dir": runner.work_dir, "results": mean, "repeats": repeats, "table": table}
+    return {"work_dir": runner.work_dir, "results": mean, "repeats": repeats, "table": result_table(repeats)}
+
+
+def write_results(work_dir: Path, command: str, args: argparse.Namespace, runs: list, repeats: list) -> tuple:
+    """results.md (the table) and results.json (means and every repeat) of the trainings finished so far."""
+    from nnunet_losses.commands.output import write_json, write_markdown
+
+    text = f"`{command.strip()}`\n\n{result_table(repeats)}"
+    write_markdown(text, work_dir / "results.md")
+    mean = {model: {source: {name: entry[0] for name, entry in scores.items()} for source, scores in per_source.items()}
+            for model, per_source in mean_over_repeats(repeats).items()}
+    write_json({"arguments": {k: str(v) for k, v in vars(args).items()}, "runs": runs, "results": mean,
+                "results_per_repeat": repeats}, work_dir / "results.json")
+    return text, mean
 
 
 if __name__ == "__main__":
