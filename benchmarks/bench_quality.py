@@ -83,7 +83,7 @@ FAMILY_REFERENCE = {
     "nnUNetTrainerLeafDiceCE": BASELINE,
 }
 DEFAULT_TRAINERS = REFERENCES + tuple(TRAINER_NAMES)
-DEFAULT_BUDGETS = "5x25,20x25"  # the quickstart's budget and 4x that
+DEFAULT_BUDGETS = "5x25,20x25"  # a quick look and the quickstart's budget (20 x 25: where the lesion is learned)
 TOLERANCE = 0.03  # the first check: per class, at most this much below nnUNetTrainer
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "quality_cpu.json"
 FOLD = "0"

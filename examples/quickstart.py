@@ -40,9 +40,9 @@ ROW_MEANINGS = {
                      "miss in others",
     "nnUNetTrainerMime_cwfixed": "the paper's mime (Kervadec eq. 9, one weight pair for every class) under nnU-Net's "
                                  "SGD: linear in the probabilities, it settles on the background and predicts the "
-                                 "small lesion and the thin vessel nowhere",
+                                 "small lesion nowhere (in some runs the thin vessel neither)",
     "nnUNetTrainerMime": "the same mime with per-class weights from the class counts (Kervadec §2.3, this "
-                         "trainer's default): lesion and vessel are learned, a little below the reference and "
+                         "trainer's default): the lesion is learned again, below the reference and "
                          "over-segmented (a linear loss's fixed weights favour the small classes)",
     "nnUNetTrainerDiceICE": "the paper's image-wise Dice (Tilborghs, Phi = I) + nnU-Net's CE: nnU-Net's own "
                             "recipe with the paper's Dice term, within the reference's run-to-run spread (Dice "
