@@ -449,18 +449,28 @@ def class_names(dataset_json: dict) -> dict:
 
 
 def held_out_dice(predictions: Path, raw: Path, dataset_json: dict) -> dict:
-    """nnU-Net's ``compute_metrics_on_folder`` on the predictions against ``labelsTs``: per-class mean Dice,
-    their foreground mean and the Dice of every case."""
+    """nnU-Net's ``compute_metrics_on_folder`` on the predictions against ``labelsTs``, read by
+    :func:`held_out_metrics`."""
     from nnunet_losses.commands.evaluation import nnunet_summary
 
     summary = nnunet_summary(predictions, raw / "labelsTs", dataset_json, predictions / "summary.json", num_processes=1)
+    return held_out_metrics(summary, dataset_json)
+
+
+def held_out_metrics(summary: dict, dataset_json: dict) -> dict:
+    """From nnU-Net's ``summary.json``: per-class mean Dice, their foreground mean, the Dice of every case
+    and per class the predicted and reference voxels over the test cases (``test_voxels``: their ratio
+    tells over- from under-segmentation)."""
     names = class_names(dataset_json)
     per_case = {Path(entry["prediction_file"]).name.removesuffix(dataset_json["file_ending"]):
                 {names[int(label)]: finite_or_none(metrics["Dice"]) for label, metrics in entry["metrics"].items()}
                 for entry in summary["metric_per_case"]}
+    voxels = {names[int(label)]: {count: int(sum(entry["metrics"][label][key] for entry in summary["metric_per_case"]))
+                                  for count, key in (("predicted", "n_pred"), ("reference", "n_ref"))}
+              for label in summary["mean"]}
     return {"test_dice": {names[int(label)]: finite_or_none(m["Dice"]) for label, m in summary["mean"].items()},
             "test_dice_mean": finite_or_none(summary["foreground_mean"]["Dice"]),
-            "test_dice_per_case": per_case}
+            "test_dice_per_case": per_case, "test_voxels": voxels}
 
 
 def validation_dice(fold: Path, dataset_json: dict) -> dict:
@@ -693,6 +703,29 @@ def budget_table(by_trainer: dict) -> tuple:
     return markdown_table(header, rows), checks
 
 
+def volume_ratio(record: dict, name: str) -> Optional[float]:
+    """Predicted / reference voxels of a class over a run's test cases (> 1: over-segmentation); None
+    for records without voxel counts or a class absent from every test case."""
+    counts = record.get("test_voxels", {}).get(name)
+    if not counts or not counts["reference"]:
+        return None
+    return counts["predicted"] / counts["reference"]
+
+
+def volume_table(by_trainer: dict) -> Optional[str]:
+    """Per trainer and class, mean ± std over repeats of :func:`volume_ratio`; None without voxel counts."""
+    classes = next(iter(by_trainer.values()))[0]["classes"]
+    rows = []
+    for trainer in ordered_trainers(by_trainer):
+        counted = [r for r in by_trainer[trainer] if "test_voxels" in r]
+        if counted:
+            rows.append([trainer, str(len(counted))]
+                        + [format_mean_std(mean_std([volume_ratio(r, n) for r in counted])) for n in classes])
+    if not rows:
+        return None
+    return markdown_table(["trainer", "runs"] + [f"{n} predicted / reference voxels" for n in classes], rows)
+
+
 def count_marks(checks: dict, which: int) -> str:
     values = [c[which] for c in checks.values()]
     met = sum(1 for c in values if c is not None and c["met"])
@@ -722,6 +755,11 @@ def summary_markdown(results: dict) -> str:
             if budget == largest and checks:
                 lines += ["", f"Targets at {budget}: within {TOLERANCE} of {BASELINE}: {count_marks(checks, 0)}; "
                               f"≥ family's nnU-Net trainer: {count_marks(checks, 1)}."]
+            volumes = volume_table(by_trainer) if budget == largest else None
+            if volumes:
+                lines += ["", f"Volumes at {budget}: predicted / reference voxels of each class summed over the "
+                              "test cases, mean ± std over repeats (1.000: the right amount; > 1 over-segments, "
+                              "0 predicts the class nowhere).", "", volumes]
     machines = sorted({machine_line(r["machine"], r["device"]) for r in results["runs"]})
     lines += ["", f"{len(results['runs'])} finished runs on: " + "; ".join(machines)]
     if results["failures"]:
@@ -805,6 +843,28 @@ def write_summary(results_path: Path) -> Optional[str]:
     return text
 
 
+def rescore(results_path: Path, work: Path) -> tuple:
+    """Re-read the held-out metrics of every finished run from its predictions' ``summary.json`` in
+    ``work`` (after :func:`held_out_metrics` learnt a metric), keeping the records whose folder is gone
+    or holds another run (a Dice that differs). Returns ``(updated, [run names left as they were])``."""
+    results = load_results(results_path)
+    updated, left = 0, []
+    for record in results["runs"]:
+        folder = run_folders(work, Run(record["dataset"], record["trainer"], parse_budget(record["budget"]),
+                                       record["repeat"]), "", "")["predictions"]
+        summary = folder / "summary.json"
+        metrics = None
+        if summary.is_file():
+            metrics = held_out_metrics(json.loads(summary.read_text()), json.loads((folder / "dataset.json").read_text()))
+        if metrics is None or metrics["test_dice"] != record["test_dice"]:
+            left.append(f"{record['dataset']} {record['run_name']} repeat {record['repeat']}")
+            continue
+        record.update(metrics)
+        updated += 1
+    write_json(results, results_path)
+    return updated, left
+
+
 # ----------------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------------
@@ -831,6 +891,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep every run's checkpoint_*.pth (by default removed once the run is recorded)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan of runs and what is done; run nothing")
+    parser.add_argument("--rescore", action="store_true",
+                        help="re-read the held-out metrics of the finished runs from the predictions in --work-dir "
+                             "into --results (runs nothing; a run whose predictions are gone keeps its record)")
     parser.add_argument("--summarize", action="store_true",
                         help="write the tables (.md) and curves (.png) of the finished runs next to --results; "
                              "run nothing")
@@ -900,6 +963,12 @@ def run_campaign(runs: Sequence[Run], args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     args.results = args.results.resolve()
+    if args.rescore:
+        updated, left = rescore(args.results, args.work_dir.resolve())
+        print(f"Re-read the held-out metrics of {updated} runs into {args.results}"
+              + (f"; {len(left)} left as they were (predictions gone or of another run): {', '.join(left)}"
+                 if left else ""))
+        args.summarize = True
     if args.summarize:
         text = write_summary(args.results)
         if text is None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -274,6 +275,55 @@ def test_quality_summary_table_by_hand(quality, tmp_path):
     assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="expected finished runs in .*, got none"):
         quality.main(["--summarize", "--results", str(tmp_path / "none.json")])
+
+
+def _nnunet_summary(cases):
+    """A summary.json as nnU-Net's compute_metrics_on_folder writes it: ``cases`` maps a case to
+    ``{label: (Dice, n_pred, n_ref)}``; the mean is taken over the cases (Dice: of those that have one)."""
+    per_case = [{"prediction_file": f"/p/{case}.nii.gz",
+                 "metrics": {label: {"Dice": d, "n_pred": p, "n_ref": r} for label, (d, p, r) in labels.items()}}
+                for case, labels in cases.items()]
+    labels = next(iter(cases.values()))
+    mean = {label: {"Dice": float(np.nanmean([c[label][0] for c in cases.values()])),
+                    "n_pred": float(np.mean([c[label][1] for c in cases.values()])),
+                    "n_ref": float(np.mean([c[label][2] for c in cases.values()]))} for label in labels}
+    fg = float(np.mean([m["Dice"] for m in mean.values()]))
+    return {"metric_per_case": per_case, "mean": mean, "foreground_mean": {"Dice": fg}}
+
+
+def test_quality_voxel_counts_volume_table_and_rescore(quality, tmp_path, capsys):
+    dataset_json = {"labels": {"background": 0, "organ": 1, "lesion": 2}, "file_ending": ".nii.gz"}
+    # case a: lesion 30 predicted of 20; case b: no lesion, 10 false positive voxels -> 40 / 20 = 2.0
+    summary = _nnunet_summary({"a": {"1": (0.9, 90, 100), "2": (0.8, 30, 20)},
+                               "b": {"1": (0.7, 110, 100), "2": (float("nan"), 10, 0)}})
+    metrics = quality.held_out_metrics(summary, dataset_json)
+    assert metrics["test_voxels"] == {"organ": {"predicted": 200, "reference": 200},
+                                      "lesion": {"predicted": 40, "reference": 20}}
+    assert metrics["test_dice"] == {"organ": pytest.approx(0.8), "lesion": 0.8}
+    assert metrics["test_dice_per_case"]["b"] == {"organ": 0.7, "lesion": None}
+
+    # three finished runs: one rescored, one whose folder holds another run (other Dice), one without folder
+    results = tmp_path / "quality.json"
+    records = [_record("synthetic2d", "nnUNetTrainerMime", "2x3", r, metrics["test_dice"], 0.8) for r in range(3)]
+    records[1]["test_dice"] = {"organ": 0.5, "lesion": 0.8}
+    for record in records:
+        record["run_name"] = "nnUNetTrainerMime_2ep_3it"
+        quality.store_record(results, record)
+    for repeat in (0, 1):
+        folder = tmp_path / "work" / "predictions" / f"repeat{repeat}" / "synthetic2d" / "nnUNetTrainerMime_2ep_3it"
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps(summary))
+        (folder / "dataset.json").write_text(json.dumps(dataset_json))
+    assert quality.main(["--rescore", "--results", str(results), "--work-dir", str(tmp_path / "work")]) == 0
+    out = capsys.readouterr().out
+    assert "Re-read the held-out metrics of 1 runs" in out
+    assert ("2 left as they were (predictions gone or of another run): synthetic2d nnUNetTrainerMime_2ep_3it "
+            "repeat 1, synthetic2d nnUNetTrainerMime_2ep_3it repeat 2") in out
+    stored = quality.load_results(results)["runs"]
+    assert [("test_voxels" in r) for r in stored] == [True, False, False]
+    # the volume table counts only the runs with voxel counts: organ 200 / 200, lesion 40 / 20
+    assert "| nnUNetTrainerMime | 1 | 1.000 | 2.000 |" in out
+    assert quality.volume_ratio(stored[0], "lesion") == 2.0 and quality.volume_ratio(stored[1], "lesion") is None
 
 
 def test_quality_datasets_have_large_small_thin_and_absent_structures(quality, tmp_path):
