@@ -6,6 +6,8 @@ Each one changes how a value is computed, never what it is:
   dataloader), converted to int64 once, after the check;
 * the overlap sums hand their forward's gather ``s_l`` to the backward (label map, no mask) and
   reduce over the channels one channel at a time instead of a strided bmm;
+* the marginal Dice's background row hands its ``[y = 0]`` weights to the backward (label map, no
+  mask), whose row term runs over the merged channels only;
 * the ground-truth sums of a label map without a mask scatter an expanded 1, not a filled tensor;
 * the sharpened probabilities of LabelMarginalLoss take ``exp`` with subnormal results flushed to 0
   (the CPU's exp leaves its vectorised kernel for them, about 20x slower).
@@ -123,6 +125,48 @@ def test_second_backward_recomputes_the_handed_over_gather(make_case, name):
     (first,) = torch.autograd.grad(value, x, retain_graph=True)
     (second,) = torch.autograd.grad(value, x)
     assert first.abs().sum() > 0
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+def plain_marginal_dice(x, one_hot, annotated, mask, epsilon):
+    """Marginal Dice from its definition, with plain autograd: the missing classes' probabilities added
+    to the background channel, Φ = I soft Dice over the background and the annotated classes."""
+    s = torch.softmax(x, 1)
+    merged = (~annotated).to(x.dtype).view(*annotated.shape, *([1] * (x.ndim - 2)))
+    merged[:, 0] = 1
+    s_merged = torch.cat([(s * merged).sum(1, keepdim=True), s[:, 1:]], 1)
+    m = torch.ones_like(x[:, :1]) if mask is None else mask
+    intersection = (m * one_hot * s_merged).flatten(2).sum(-1)
+    total = (m * (one_hot + s_merged)).flatten(2).sum(-1)
+    dice = (2 * intersection + epsilon) / (total + epsilon)
+    return 1 - dice[annotated].mean()  # column 0 is True: the merged background counts
+
+
+@pytest.mark.parametrize("label_dtype", [torch.int16, torch.int64], ids=str)
+@pytest.mark.parametrize("mask", [False, True], ids=["no-mask", "mask"])
+def test_marginal_dice_background_row_equals_plain_autograd(make_case, label_dtype, mask):
+    """Sample 0 misses classes 2 and 4, sample 1 class 4, sample 2 nothing: the row term runs over
+    channels 0, 2 and 4 with a zero weight in some samples, and not at all over 1 and 3."""
+    case = make_case(spatial=(3, 4, 5), batch=3, channels=5, mask=mask)
+    labels = case.labels.clone()
+    labels[0][(labels[0] == 2) | (labels[0] == 4)] = 0
+    labels[1][labels[1] == 4] = 0
+    annotated = torch.ones(3, 5, dtype=torch.bool)
+    annotated[0, [2, 4]] = annotated[1, 4] = False
+    one_hot = torch.nn.functional.one_hot(labels[:, 0], 5).movedim(-1, 1).to(case.x.dtype)
+    loss = MarginalDiceLoss(epsilon=0.3)
+    value, grad = value_and_gradient(lambda x: loss(x, labels.to(label_dtype), case.mask, annotated), case.x)
+    reference, grad_ref = value_and_gradient(lambda x: plain_marginal_dice(x, one_hot, annotated, case.mask, 0.3),
+                                             case.x)
+    torch.testing.assert_close(value, reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-12)
+    assert grad[0, [0, 2, 4]].abs().sum() > 0 and grad[2].abs().sum() > 0
+
+    # the handed-over weights are consumed like s_l: a second backward computes them again, the same
+    x = case.x.clone().requires_grad_(True)
+    value = loss(x, labels.to(label_dtype), case.mask, annotated)
+    (first,) = torch.autograd.grad(value, x, retain_graph=True)
+    (second,) = torch.autograd.grad(value, x)
     torch.testing.assert_close(second, first, rtol=0, atol=0)
 
 

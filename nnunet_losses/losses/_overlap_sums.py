@@ -60,13 +60,13 @@ def overlap_sums_ground_truth(prepared: Prepared, num_channels: int) -> torch.Te
 
 def _overlap_sums_forward(x, labels, target, mask, softmax: bool, background_row: bool):
     """The forward of :class:`OverlapSumsFunction`: ``(I, P, R or None, probabilities (B, C, N), s at the
-    label (B, N) or None)``; the last is the backward's first gather, returned for a label map
-    without a mask (with one it is weighted in place)."""
+    label (B, N) or None, [y = 0] (B, N) or None)``; the last two are what the backward would compute
+    again, returned for a label map without a mask (with one they are weighted in place)."""
     dtype = compute_dtype(x)
     probs = probabilities(x, "softmax" if softmax else "sigmoid", dtype).flatten(2)  # (B, C, N)
     weights = None if mask is None else mask.flatten(1).to(dtype)  # (B, N)
     prediction = probs.sum(-1) if weights is None else torch.einsum("bcn,bn->bc", probs, weights)
-    row = at_label = None
+    row = at_label = on_background = None
     if labels is not None:
         flat_labels = labels.flatten(1)
         at_label = probs.gather(1, flat_labels.unsqueeze(1)).squeeze(1)
@@ -74,33 +74,36 @@ def _overlap_sums_forward(x, labels, target, mask, softmax: bool, background_row
             1, flat_labels, at_label if weights is None else at_label.mul_(weights))
         at_label = at_label if weights is None else None
         if background_row:
-            row = torch.einsum("bcn,bn->bc", probs, _background_weights(flat_labels, weights, dtype))
+            on_background = _background_weights(flat_labels, weights, dtype)
+            row = torch.einsum("bcn,bn->bc", probs, on_background)
+            on_background = on_background if weights is None else None
     else:
         flat_target = target.flatten(2).to(dtype)
         overlap = probs * flat_target
         intersection = overlap.sum(-1) if weights is None else torch.einsum("bcn,bn->bc", overlap, weights)
         del overlap
         if background_row:
-            on_background = flat_target[:, 0] if weights is None else flat_target[:, 0] * weights
-            row = torch.einsum("bcn,bn->bc", probs, on_background)
-    return intersection, prediction, row, probs, at_label
+            background = flat_target[:, 0] if weights is None else flat_target[:, 0] * weights
+            row = torch.einsum("bcn,bn->bc", probs, background)
+    return intersection, prediction, row, probs, at_label, on_background
 
 
 def _overlap_sums_backward(probs, x, labels, target, mask, softmax: bool, grad_intersection, grad_prediction,
-                           grad_row, at_label=None):
+                           grad_row, at_label=None, on_background=None):
     """The gradient of :class:`OverlapSumsFunction` with respect to ``x``, written into ``probs`` (the
     forward's probabilities, overwritten) or, when ``probs`` is None, into freshly computed ones;
-    ``at_label``: the forward's ``s`` at the label, consumed too (only with ``probs``)."""
+    ``at_label``, ``on_background``: the forward's ``s`` at the label, consumed too, and its ``[y = 0]``
+    (only with ``probs``)."""
     dtype = compute_dtype(x)
     if probs is None:
         probs = probabilities(x, "softmax" if softmax else "sigmoid", dtype).flatten(2)  # (B, C, N)
-        at_label = None
+        at_label = on_background = None
     zeros = probs.new_zeros(probs.shape[:2])
     g_int = zeros if grad_intersection is None else grad_intersection.to(dtype)  # (B, C)
     g_pred = zeros if grad_prediction is None else grad_prediction.to(dtype)
     g_row = None if grad_row is None else grad_row.to(dtype)
     if labels is not None:  # softmax only: sigmoid always has a region target
-        grad = _gradient_at_labels(probs, labels.flatten(1), g_int, g_pred, g_row, at_label)
+        grad = _gradient_at_labels(probs, labels.flatten(1), g_int, g_pred, g_row, at_label, on_background)
     else:
         grad = _gradient_at_target(probs, target.flatten(2).to(dtype), g_int, g_pred, g_row, softmax)
     if mask is not None:
@@ -108,31 +111,35 @@ def _overlap_sums_backward(probs, x, labels, target, mask, softmax: bool, grad_i
     return grad.view(x.shape).to(x.dtype)
 
 
-def _gradient_at_labels(probs, flat_labels, g_int, g_pred, g_row, at_label=None):
+def _gradient_at_labels(probs, flat_labels, g_int, g_pred, g_row, at_label=None, on_background=None):
     """The unmasked softmax gradient for a label map ``(B, N)``, written into ``probs``:
     ∂/∂x_c = s_c (g^P_c + g^R_c y_0 - Σ_k g_k s_k) + [c = l] s_l g^I_l, channel by channel; besides
-    the probabilities, only (B, N) tensors are allocated. ``at_label``: ``s_l`` when the forward
-    kept it (overwritten), else gathered here."""
+    the probabilities, only (B, N) tensors are allocated. ``at_label`` (``s_l``, overwritten) and
+    ``on_background`` (``[l = 0]``): the forward's, else computed here."""
     if at_label is None:
         at_label = probs.gather(1, flat_labels.unsqueeze(1)).squeeze(1)
-    # the same weight for every class of a sample (the mime with scalar a, b): one read decides
-    same_int, same_pred = (bool(v) for v in torch.stack([(g_int == g_int[:, :1]).all(),
-                                                          (g_pred == g_pred[:, :1]).all()]).tolist())
+    # one host read decides: the same weight for every class of a sample (the mime with scalar a, b),
+    # and which channels have a background-row weight (marginal Dice: the merged ones only)
+    checks = [(g_int == g_int[:, :1]).all().view(1), (g_pred == g_pred[:, :1]).all().view(1)]
+    if g_row is not None:
+        checks.append((g_row != 0).any(0))
+    same_int, same_pred, *row_used = (bool(v) for v in torch.cat(checks).tolist())
+    row_channels = [channel for channel, used in enumerate(row_used) if used]
     at_label.mul_(g_int[:, :1] if same_int else g_int.gather(1, flat_labels))  # s_l g^I_l
-    if same_pred and g_row is None:
+    if same_pred and not row_channels:
         # Σ_k g^P_k s_k = g^P (the probabilities sum to 1): every channel's factor is -s_l g^I_l
         probs.mul_(at_label.neg().unsqueeze(1))
     else:
         # channel by channel: an einsum over the C axis is a strided bmm, 3x slower on the CPU
         mean = channel_dot(probs, g_pred.unsqueeze(-1)).squeeze(1).add_(at_label)  # Σ_k g_k s_k
-        on_background = None
-        if g_row is not None:
-            on_background = _background_weights(flat_labels, None, probs.dtype)
-            mean.addcmul_(on_background, channel_dot(probs, g_row.unsqueeze(-1)).squeeze(1))
+        if row_channels:
+            if on_background is None:
+                on_background = _background_weights(flat_labels, None, probs.dtype)
+            mean.addcmul_(on_background, channel_dot(probs, g_row.unsqueeze(-1), row_channels).squeeze(1))
         factor = torch.empty_like(mean)  # one buffer for every channel
         for channel in range(probs.shape[1]):
             torch.sub(g_pred[:, channel:channel + 1], mean, out=factor)
-            if on_background is not None:
+            if channel in row_channels:
                 factor.addcmul_(on_background, g_row[:, channel:channel + 1])
             probs[:, channel].mul_(factor)
         del mean, factor, on_background
@@ -168,7 +175,8 @@ class OverlapSumsFunction(torch.autograd.Function):
     The forward's probabilities are handed to the backward (when the logits need a gradient), which
     consumes them in place: one logits-sized tensor lives from the forward to the end of the
     backward, and the softmax runs once (with a label map and no mask the forward's gather ``s_l``,
-    1/C of that, is handed over too: the backward's first gather). A second backward through the same graph
+    1/C of that, is handed over too: the backward's first gather; and for the background row its
+    ``[y = 0]`` weights, another 1/C). A second backward through the same graph
     (``retain_graph=True``) finds them consumed and recomputes them from the saved logits. Under
     ``create_graph=True`` the backward differentiates the forward retraced with autograd instead
     (:func:`~._autograd.differentiable_gradient`), so double backward has exact second derivatives.
@@ -180,13 +188,14 @@ class OverlapSumsFunction(torch.autograd.Function):
     def forward(ctx, x, labels, target, mask, softmax: bool, background_row: bool):
         ctx.set_materialize_grads(False)
         with torch.autocast(x.device.type, enabled=False):  # sums stay float32 under autocast
-            intersection, prediction, row, probs, at_label = _overlap_sums_forward(x, labels, target, mask, softmax,
-                                                                                   background_row)
+            intersection, prediction, row, probs, at_label, on_background = _overlap_sums_forward(
+                x, labels, target, mask, softmax, background_row)
         ctx.save_for_backward(x, labels, target, mask)
         ctx.softmax = softmax
         # not saved with save_for_backward: the backward overwrites them (see the class docstring)
         ctx.probs = probs if ctx.needs_input_grad[0] else None
         ctx.at_label = at_label if ctx.needs_input_grad[0] else None
+        ctx.on_background = on_background if ctx.needs_input_grad[0] else None
         return intersection, prediction, row
 
     @staticmethod
@@ -194,6 +203,7 @@ class OverlapSumsFunction(torch.autograd.Function):
         x, labels, target, mask = ctx.saved_tensors
         probs, ctx.probs = ctx.probs, None  # consumed: a second backward recomputes them
         at_label, ctx.at_label = ctx.at_label, None
+        on_background, ctx.on_background = ctx.on_background, None
         if torch.is_grad_enabled():  # create_graph=True: a gradient with second derivatives
             grad = differentiable_gradient(
                 lambda x: _overlap_sums_forward(x, labels, target, mask, ctx.softmax, grad_row is not None)[:3],
@@ -201,7 +211,7 @@ class OverlapSumsFunction(torch.autograd.Function):
             return grad, None, None, None, None, None
         with torch.autocast(x.device.type, enabled=False):
             grad = _overlap_sums_backward(probs, x, labels, target, mask, ctx.softmax, grad_intersection,
-                                          grad_prediction, grad_row, at_label)
+                                          grad_prediction, grad_row, at_label, on_background)
         return grad, None, None, None, None, None
 
 

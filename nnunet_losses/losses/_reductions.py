@@ -15,11 +15,13 @@ def spatial_sum(t: torch.Tensor) -> torch.Tensor:
     return t.sum(dim=tuple(range(2, t.ndim)), dtype=torch.float32 if t.dtype != torch.float64 else None)
 
 
-def channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def channel_dot(a: torch.Tensor, b: torch.Tensor, channels: Optional[Sequence[int]] = None) -> torch.Tensor:
     """``Σ_c a_c b_c`` per voxel of ``(B, C, N)`` tensors (``b`` may be ``(B, C, 1)``), ``(B, 1, N)``, one
-    channel at a time: no logits-sized product, and no bmm over the strided channel axis."""
-    total = a[:, :1] * b[:, :1]
-    for channel in range(1, a.shape[1]):
+    channel at a time: no logits-sized product, and no bmm over the strided channel axis. ``channels``:
+    only these (non-empty; the others' ``b`` is known to be 0)."""
+    first, *rest = range(a.shape[1]) if channels is None else channels
+    total = a[:, first:first + 1] * b[:, first:first + 1]
+    for channel in rest:
         total.addcmul_(a[:, channel:channel + 1], b[:, channel:channel + 1])
     return total
 
