@@ -845,24 +845,39 @@ def write_summary(results_path: Path) -> Optional[str]:
 
 def rescore(results_path: Path, work: Path) -> tuple:
     """Re-read the held-out metrics of every finished run from its predictions' ``summary.json`` in
-    ``work`` (after :func:`held_out_metrics` learnt a metric), keeping the records whose folder is gone
-    or holds another run (a Dice that differs). Returns ``(updated, [run names left as they were])``."""
-    results = load_results(results_path)
-    updated, left = 0, []
-    for record in results["runs"]:
-        folder = run_folders(work, Run(record["dataset"], record["trainer"], parse_budget(record["budget"]),
-                                       record["repeat"]), "", "")["predictions"]
-        summary = folder / "summary.json"
-        metrics = None
-        if summary.is_file():
-            metrics = held_out_metrics(json.loads(summary.read_text()), json.loads((folder / "dataset.json").read_text()))
-        if metrics is None or metrics["test_dice"] != record["test_dice"]:
+    ``work`` (after :func:`held_out_metrics` learnt a metric). A record keeps what it has where its folder
+    is gone, unreadable or holds another run (its Dice, mean or per case, differs). The file is read
+    again just before it is written, and only the rescored records change: a campaign that stores a
+    run meanwhile keeps it. Returns ``(updated, [run names left as they were])``."""
+    if not results_path.is_file():
+        raise SystemExit(f"expected a results file of finished runs, got no file {results_path}")
+    rescored, left = {}, []
+    for record in load_results(results_path)["runs"]:
+        metrics = _stored_metrics(record, work)
+        if metrics is None or any(metrics[key] != record.get(key) for key in DICE_KEYS):
             left.append(f"{record['dataset']} {record['run_name']} repeat {record['repeat']}")
-            continue
-        record.update(metrics)
-        updated += 1
-    write_json(results, results_path)
-    return updated, left
+        else:
+            rescored[record_key(record)] = metrics
+    if rescored:
+        results = load_results(results_path)
+        for record in results["runs"]:
+            record.update(rescored.get(record_key(record), {}))
+        write_json(results, results_path)
+    return len(rescored), left
+
+
+DICE_KEYS = ("test_dice", "test_dice_mean", "test_dice_per_case")  # what identifies a run's predictions
+
+
+def _stored_metrics(record: dict, work: Path) -> Optional[dict]:
+    """:func:`held_out_metrics` of a record's prediction folder, or None where it has no readable summary."""
+    run = Run(record["dataset"], record["trainer"], parse_budget(record["budget"]), record["repeat"])
+    folder = run_folders(work, run, "", "")["predictions"]
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        return held_out_metrics(summary, json.loads((folder / "dataset.json").read_text()))
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -966,8 +981,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.rescore:
         updated, left = rescore(args.results, args.work_dir.resolve())
         print(f"Re-read the held-out metrics of {updated} runs into {args.results}"
-              + (f"; {len(left)} left as they were (predictions gone or of another run): {', '.join(left)}"
-                 if left else ""))
+              + (f"; {len(left)} left as they were (predictions gone or of another run):" if left else ""))
+        for name in left:
+            print(f"  {name}")
         args.summarize = True
     if args.summarize:
         text = write_summary(args.results)

@@ -305,9 +305,11 @@ def test_quality_voxel_counts_volume_table_and_rescore(quality, tmp_path, capsys
     # three finished runs: one rescored, one whose folder holds another run (other Dice), one without folder
     results = tmp_path / "quality.json"
     records = [_record("synthetic2d", "nnUNetTrainerMime", "2x3", r, metrics["test_dice"], 0.8) for r in range(3)]
+    for record in records:  # as the campaign stored them, before voxel counts
+        record.update(run_name="nnUNetTrainerMime_2ep_3it",
+                      **{key: metrics[key] for key in ("test_dice_mean", "test_dice_per_case")})
     records[1]["test_dice"] = {"organ": 0.5, "lesion": 0.8}
     for record in records:
-        record["run_name"] = "nnUNetTrainerMime_2ep_3it"
         quality.store_record(results, record)
     for repeat in (0, 1):
         folder = tmp_path / "work" / "predictions" / f"repeat{repeat}" / "synthetic2d" / "nnUNetTrainerMime_2ep_3it"
@@ -317,13 +319,39 @@ def test_quality_voxel_counts_volume_table_and_rescore(quality, tmp_path, capsys
     assert quality.main(["--rescore", "--results", str(results), "--work-dir", str(tmp_path / "work")]) == 0
     out = capsys.readouterr().out
     assert "Re-read the held-out metrics of 1 runs" in out
-    assert ("2 left as they were (predictions gone or of another run): synthetic2d nnUNetTrainerMime_2ep_3it "
-            "repeat 1, synthetic2d nnUNetTrainerMime_2ep_3it repeat 2") in out
+    assert ("2 left as they were (predictions gone or of another run):\n  synthetic2d nnUNetTrainerMime_2ep_3it "
+            "repeat 1\n  synthetic2d nnUNetTrainerMime_2ep_3it repeat 2\n") in out
     stored = quality.load_results(results)["runs"]
     assert [("test_voxels" in r) for r in stored] == [True, False, False]
     # the volume table counts only the runs with voxel counts: organ 200 / 200, lesion 40 / 20
     assert "| nnUNetTrainerMime | 1 | 1.000 | 2.000 |" in out
     assert quality.volume_ratio(stored[0], "lesion") == 2.0 and quality.volume_ratio(stored[1], "lesion") is None
+
+    # the same mean Dice but another per-case Dice: another run's folder, left alone
+    records[2]["test_dice_per_case"] = {"a": {"organ": 0.7, "lesion": 0.8}, "b": {"organ": 0.9, "lesion": None}}
+    quality.store_record(results, records[2])
+    folder = tmp_path / "work" / "predictions" / "repeat2" / "synthetic2d" / "nnUNetTrainerMime_2ep_3it"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json))
+    assert quality.rescore(results, tmp_path / "work")[0] == 1  # repeat 0 again; repeats 1 and 2 left
+    # a record stored after the rescore read the file is kept (the file is read again before writing)
+    late = _record("synthetic2d", "nnUNetTrainer", "2x3", 0, metrics["test_dice"], 0.8)
+    original_stored_metrics = quality._stored_metrics
+
+    def store_meanwhile(record, work):
+        if record["repeat"] == 2:
+            quality.store_record(results, late)
+        return original_stored_metrics(record, work)
+
+    quality._stored_metrics = store_meanwhile
+    try:
+        quality.rescore(results, tmp_path / "work")
+    finally:
+        quality._stored_metrics = original_stored_metrics
+    assert [r["trainer"] for r in quality.load_results(results)["runs"]][-1] == "nnUNetTrainer"
+    with pytest.raises(SystemExit, match="expected a results file of finished runs, got no file"):
+        quality.rescore(tmp_path / "none.json", tmp_path / "work")
 
 
 def test_quality_datasets_have_large_small_thin_and_absent_structures(quality, tmp_path):

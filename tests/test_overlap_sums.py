@@ -119,15 +119,27 @@ def test_probabilities_are_freed_when_no_gradient_is_wanted_and_after_the_backwa
     def spy(*arguments):
         result = original(*arguments)
         alive.append(weakref.ref(result[3]))  # the probabilities the Function could keep
+        if result[5] is not None:
+            alive.append(weakref.ref(result[5]))  # and the background row's [y = 0] weights
         return result
 
     monkeypatch.setattr(overlap_module, "_overlap_sums_forward", spy)
     case = make_case(spatial=(4, 5), channels=3)
     x = case.x.clone().requires_grad_(True)
+    annotated = torch.ones(2, 3, dtype=torch.bool)
+    annotated[0, 2] = False  # a missing class: the background row is computed
+    labels = case.labels.clone()
+    labels[0][labels[0] == 2] = 0
     with torch.no_grad():
-        MarginalDiceLoss()(x, case.labels)  # logits that require grad, under no_grad
+        MarginalDiceLoss()(x, labels, None, annotated)  # logits that require grad, under no_grad
     MimeLoss()(case.x, case.labels)  # logits without requires_grad
-    assert len(alive) == 2 and all(ref() is None for ref in alive)
+    assert len(alive) == 3 and all(ref() is None for ref in alive)
+
+    loss = MarginalDiceLoss()(x, labels, None, annotated)
+    assert alive[-1]() is not None and alive[-2]() is not None  # both kept for the backward
+    loss.backward()
+    assert alive[-1]() is None  # the [y = 0] weights are gone once the backward has used them
+    del loss
 
     loss = PhiDiceLoss(phi="I")(x, case.labels)
     assert alive[-1]() is not None  # kept for the backward

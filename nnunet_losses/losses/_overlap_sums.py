@@ -137,9 +137,10 @@ def _gradient_at_labels(probs, flat_labels, g_int, g_pred, g_row, at_label=None,
                 on_background = _background_weights(flat_labels, None, probs.dtype)
             mean.addcmul_(on_background, channel_dot(probs, g_row.unsqueeze(-1), row_channels).squeeze(1))
         factor = torch.empty_like(mean)  # one buffer for every channel
+        row_set = set(row_channels)
         for channel in range(probs.shape[1]):
             torch.sub(g_pred[:, channel:channel + 1], mean, out=factor)
-            if channel in row_channels:
+            if channel in row_set:
                 factor.addcmul_(on_background, g_row[:, channel:channel + 1])
             probs[:, channel].mul_(factor)
         del mean, factor, on_background
