@@ -799,35 +799,59 @@ def mean_curve(records: Sequence[dict]) -> tuple:
     return iterations, values
 
 
+PLOT_FAMILIES = ("Dice only", "mimes", "CE + label-marginal penalty", "Dice + CE")
+
+
+def plot_family(trainer: str) -> Optional[str]:
+    """The panel of the curves a trainer of ours is drawn in (None: a reference, drawn in every panel)."""
+    base = base_trainer(trainer)
+    if trainer in REFERENCES or base not in FAMILY_REFERENCE:
+        return None
+    if "Mime" in base:
+        return "mimes"
+    return {CE_REFERENCE: "CE + label-marginal penalty", BASELINE: "Dice + CE"}.get(FAMILY_REFERENCE[base], "Dice only")
+
+
 def plot_curves(results: dict, path: Path) -> Path:
-    """Validation pseudo-Dice against training iterations, one panel per dataset and budget, one line per trainer."""
+    """Validation pseudo-Dice against training iterations: one row per dataset and budget, one panel per
+    family of our trainers (:data:`PLOT_FAMILIES`) with nnU-Net's references dashed in each, one line
+    per trainer (its colour the same in every row)."""
     from nnunet_losses.commands.output import pyplot
 
     plt = pyplot()
-    groups = group_records(results["runs"])
-    columns = max(len(by_budget) for by_budget in groups.values())
-    fig, axes = plt.subplots(len(groups), columns, figsize=(5.5 * columns, 4 * len(groups)), squeeze=False)
-    palette = plt.get_cmap("tab20")
+    rows = [(dataset, budget, by_trainer) for dataset, by_budget in group_records(results["runs"]).items()
+            for budget, by_trainer in by_budget.items()]
     trainers = ordered_trainers(r["trainer"] for r in results["runs"])  # one colour per trainer in every panel
-    colours = {t: palette((2 * i) % 20 + (2 * i) // 20 % 2) for i, t in enumerate(trainers)}
-    for row, (dataset, by_budget) in enumerate(groups.items()):
-        for column, (budget, by_trainer) in enumerate(by_budget.items()):
+    families = [f for f in PLOT_FAMILIES if any(plot_family(t) == f for t in trainers)] or ["references"]
+    fig, axes = plt.subplots(len(rows), len(families), figsize=(4.6 * len(families), 3.6 * len(rows)),
+                             squeeze=False)
+    # nnU-Net's three in tab20's first three dark colours; each family's trainers in the other dark
+    # colours, then the light ones (a panel holds fewer than 17), the same in every row
+    palette = [plt.get_cmap("tab20")(i) for i in (*range(0, 20, 2), *range(1, 20, 2))]
+    colours = {t: palette[i] for i, t in enumerate(REFERENCES)}
+    for family in families:
+        ours = [t for t in trainers if plot_family(t) == family]
+        colours.update({t: palette[len(REFERENCES) + i % (len(palette) - len(REFERENCES))] for i, t in enumerate(ours)})
+    for row, (dataset, budget, by_trainer) in enumerate(rows):
+        for column, family in enumerate(families):
             axis = axes[row][column]
             for trainer in ordered_trainers(by_trainer):
+                if plot_family(trainer) not in (None, family):
+                    continue
+                reference = trainer in REFERENCES
                 axis.plot(*mean_curve(by_trainer[trainer]), color=colours[trainer], marker=".",
-                          lw=2.0 if trainer in REFERENCES else 1.0, ls="--" if trainer in REFERENCES else "-",
-                          label=f"{trainer} ({len(by_trainer[trainer])})")
-            axis.set(title=f"{dataset}, {budget}", xlabel="training iterations",
-                     ylabel="validation pseudo-Dice (mean over classes)", ylim=(0, 1))
-        for column in range(len(by_budget), columns):
-            axes[row][column].axis("off")
+                          lw=2.0 if reference else 1.0, ls="--" if reference else "-",
+                          label=f"{trainer.removeprefix('nnUNetTrainer') or 'nnUNetTrainer'} "
+                                f"({len(by_trainer[trainer])})")
+            axis.set(title=f"{dataset}, {budget}: {family}", xlabel="training iterations",
+                     ylabel="validation pseudo-Dice (mean)" if column == 0 else None, ylim=(0, 1))
     fig.tight_layout()  # before the legends: laid out with them, the panels would shrink to leave them room
-    for row, by_budget in enumerate(groups.values()):
-        for column in range(len(by_budget)):  # each panel its own trainers and run counts, below it
-            axes[row][column].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
-                                     title="trainer (runs)", title_fontsize=7)
+    fig.subplots_adjust(hspace=1.1)  # room below each row for its legends (up to 5 lines of 2)
+    for axis in axes.flat:  # each panel its own trainers and run counts, below it
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
+                    title="trainer (runs); nnU-Net's dashed", title_fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90, bbox_inches="tight")  # the legends stand below the panels
+    fig.savefig(path, dpi=80, bbox_inches="tight")  # the legends stand below the panels
     plt.close(fig)
     return path
 

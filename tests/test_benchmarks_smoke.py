@@ -268,6 +268,12 @@ def test_quality_summary_table_by_hand(quality, tmp_path):
     iterations, values = quality.mean_curve(records[:2])
     assert iterations == [3, 6] and values[0] == pytest.approx(0.3) and values[1] == pytest.approx(0.4)
 
+    # the curves' panels: one per family of our trainers, nnU-Net's three in each
+    assert [quality.plot_family(t) for t in ("nnUNetTrainer", "nnUNetTrainerDiceLoss", "nnUNetTrainerDiceBI",
+                                             "nnUNetTrainerNegativeMime_cwfixed", "nnUNetTrainerCEKL_lam0.5",
+                                             "nnUNetTrainerLeafDiceCE", "nnUNetTrainerLeafDice")] == \
+        [None, None, "Dice only", "mimes", "CE + label-marginal penalty", "Dice + CE", "Dice only"]
+
     path = tmp_path / "quality.json"
     quality.write_json(results, path)
     assert quality.write_summary(path) == text
