@@ -235,6 +235,7 @@ def test_quality_summary_table_by_hand(quality, tmp_path):
         _record("synthetic2d", "nnUNetTrainerMime", "2x3", 0, dice(0.88, 0.50), 0.69),
         _record("synthetic2d", "nnUNetTrainerMime", "2x3", 1, dice(0.88, 0.60), 0.74),
         _record("synthetic2d", "nnUNetTrainerDiceLoss", "2x3", 0, dice(0.85, 0.55), 0.70),
+        _record("synthetic2d", "nnUNetTrainerDiceICE", "2x3", 0, dice(0.88, 0.60), 0.74),
         *[_record("synthetic2d", "nnUNetTrainer", "2x3", r, dice(0.8 + r / 10, 0.5 + r / 10), 0.65 + r / 10)
           for r in range(3)],
         _record("synthetic2d", "nnUNetTrainer", "1x2", 0, dice(0.3, 0.0), 0.15),
@@ -253,13 +254,16 @@ def test_quality_summary_table_by_hand(quality, tmp_path):
     # a class without Dice in one run (None: both empty) is left out of that class's mean; no CELoss run: pending
     assert ("| nnUNetTrainerCEL1 | 2 | 0.910 ± 0.014 (+0.010) | 0.600 (+0.000) | 0.835 ± 0.120 (+0.085) | ok "
             "| pending (nnUNetTrainerCELoss not run) |") in lines
+    # a compound has the first check only (0.88 vs 0.9, 0.60 vs 0.6: within 0.03), not the family's
+    assert "| nnUNetTrainerDiceICE | 1 | 0.880 (-0.020) | 0.600 (+0.000) | 0.740 (-0.010) | ok | - |" in lines
     larger = lines.index("#### synthetic2d, 2x3 (epochs x iterations) (decides the targets)")
     rows = [line.split(" | ")[0] for line in lines[larger:] if line.startswith("| nnUNetTrainer")]
-    assert rows == ["| nnUNetTrainer", "| nnUNetTrainerDiceLoss", "| nnUNetTrainerMime", "| nnUNetTrainerCEL1"]
+    assert rows == ["| nnUNetTrainer", "| nnUNetTrainerDiceLoss", "| nnUNetTrainerMime", "| nnUNetTrainerCEL1",
+                    "| nnUNetTrainerDiceICE"]
     # the smaller budget first; the largest decides the targets
     assert lines.index("#### synthetic2d, 1x2 (epochs x iterations)") < lines.index(
         "#### synthetic2d, 2x3 (epochs x iterations) (decides the targets)")
-    assert ("Targets at 2x3: within 0.03 of nnUNetTrainer: 1 of 2 ok; ≥ family's nnU-Net trainer: 1 of 1 ok, "
+    assert ("Targets at 2x3: within 0.03 of nnUNetTrainer: 2 of 3 ok; ≥ family's nnU-Net trainer: 1 of 1 ok, "
             "1 pending.") in lines
     assert ("| nnUNetTrainerMime | 1 | 0.400 (+0.100) | 0.000 (+0.000) | 0.200 (+0.050) | ok "
             "| pending (nnUNetTrainerDiceLoss not run) |") in lines
