@@ -813,7 +813,8 @@ PLOT_FAMILIES = ("Dice only", "mimes", "CE + label-marginal penalty", "Dice + CE
 
 
 def plot_family(trainer: str) -> Optional[str]:
-    """The panel of the curves a trainer of ours is drawn in (None: a reference, drawn in every panel)."""
+    """The panel of the curves a trainer of ours is drawn in (None: nnU-Net's and any other trainer, drawn
+    in every panel)."""
     base = base_trainer(trainer)
     if trainer in REFERENCES or base not in FAMILY_REFERENCE:
         return None

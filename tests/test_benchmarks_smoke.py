@@ -301,7 +301,7 @@ def _nnunet_summary(cases):
     return {"metric_per_case": per_case, "mean": mean, "foreground_mean": {"Dice": fg}}
 
 
-def test_quality_voxel_counts_volume_table_and_rescore(quality, tmp_path, capsys):
+def test_quality_voxel_counts_volume_table_and_rescore(quality, tmp_path, capsys, monkeypatch):
     dataset_json = {"labels": {"background": 0, "organ": 1, "lesion": 2}, "file_ending": ".nii.gz"}
     # case a: lesion 30 predicted of 20; case b: no lesion, 10 false positive voxels -> 40 / 20 = 2.0
     summary = _nnunet_summary({"a": {"1": (0.9, 90, 100), "2": (0.8, 30, 20)},
@@ -354,11 +354,8 @@ def test_quality_voxel_counts_volume_table_and_rescore(quality, tmp_path, capsys
             quality.store_record(results, late)
         return original_stored_metrics(record, work)
 
-    quality._stored_metrics = store_meanwhile
-    try:
-        quality.rescore(results, tmp_path / "work")
-    finally:
-        quality._stored_metrics = original_stored_metrics
+    monkeypatch.setattr(quality, "_stored_metrics", store_meanwhile)
+    quality.rescore(results, tmp_path / "work")
     assert [r["trainer"] for r in quality.load_results(results)["runs"]][-1] == "nnUNetTrainer"
     with pytest.raises(SystemExit, match="expected a results file of finished runs, got no file"):
         quality.rescore(tmp_path / "none.json", tmp_path / "work")
