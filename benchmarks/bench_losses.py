@@ -723,7 +723,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="after the table, print torch.profiler's operator table (time and memory per operator) "
                              "of one forward+backward of every selected loss; narrow it down with --losses")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
-    parser.add_argument("--json", metavar="OUT", default=None, help="also write every measurement to this JSON file")
+    parser.add_argument("--json", metavar="OUT", default=None, help="also write every measurement to this JSON file "
+                                                                    "(after every setting)")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --json: keep the settings an earlier, interrupted run of the same command measured "
+                             "into OUT and measure the rest (refused when OUT holds another command's settings or "
+                             "was measured on another machine or library version); a missing OUT starts afresh")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     parser.add_argument("--from-json", metavar="IN", default=None,
                         help="print the tables of an earlier --json file and exit (no measurement)")
@@ -741,6 +746,8 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
                 setattr(args, key, [parse_shape(s) for s in chosen] if key == "shapes" else chosen)
         # (batch, *spatial), batch_dice, classes
         args.plans = [(shape, batch_dice, c) for shape, batch_dice in args.shapes for c in args.classes]
+    if args.resume and not args.json:
+        raise SystemExit("expected --json OUT with --resume (the file to continue), got --resume alone")
     if args.plot and not args.sweep:
         raise SystemExit("expected --sweep with --plot (the plot is of the size sweep), got --plot alone")
     if args.repeats < 1 or args.warmup < 0:
@@ -820,6 +827,72 @@ def planned_settings(args: argparse.Namespace):
                                   torch.device(device), LABEL_DTYPES[label_dtype])
 
 
+# what must agree for an earlier --json file to be continued: the measurement and the machine it ran on
+RESUME_RUN_KEYS = ("sweep", "repeats", "warmup", "compile")
+RESUME_MACHINE_KEYS = ("cpu", "cpu_cores", "torch_threads", "torch", "nnunetv2", "gpu")
+
+
+def setting_key(setting) -> tuple:
+    """What identifies one setting, for a ``Setting`` and for its summary in a ``--json`` file alike."""
+    if isinstance(setting, Setting):
+        return (tuple(setting.shape), _dtype_name(setting.dtype), str(setting.device), _dtype_name(setting.label_dtype))
+    return (tuple(setting["shape"]), setting["dtype"], setting["device"], setting["label_dtype"])
+
+
+def resumed_report(path: str, report: dict, plan: Sequence[Setting], loss_names: Sequence[str]) -> dict:
+    """The report in ``path`` of an earlier run of the same measurement, to be continued: its settings kept, its
+    machine and wall time carried on. Refused when it measured other settings, losses, repeats or options, or on
+    another machine: ratios from two machines would sit side by side in one table as if comparable."""
+    import json
+
+    with open(path) as f:
+        earlier = json.load(f)
+    for key in RESUME_RUN_KEYS:
+        if earlier.get(key) != report[key]:
+            raise SystemExit(f"expected {path} to hold a run with {key}={report[key]!r} to resume, "
+                             f"got {key}={earlier.get(key)!r}")
+    for key in RESUME_MACHINE_KEYS:
+        if earlier["machine"].get(key) != report["machine"].get(key):
+            raise SystemExit(f"expected {path} to be measured on this machine to resume ({key} "
+                             f"{report['machine'].get(key)!r}), got {earlier['machine'].get(key)!r}")
+    planned = {setting_key(setting) for setting in plan}
+    for summary in earlier["settings"]:
+        if setting_key(summary) not in planned:
+            raise SystemExit(f"expected {path} to hold only settings of this command to resume, got "
+                             f"{summary['shape']} {summary['dtype']} with {summary['label_dtype']} labels")
+        losses = sorted(entry["loss"] for entry in summary["results"])
+        if losses != sorted(loss_names):
+            raise SystemExit(f"expected {path} to have measured the losses {sorted(loss_names)} to resume, "
+                             f"got {losses}")
+    if report["command"] not in earlier["command"]:
+        earlier["command"] += f" (resumed: {report['command']})"
+    earlier["machine"].setdefault("load_average_at_resume", []).append(report["machine"]["load_average"])
+    return earlier
+
+
+def measure_plan(args: argparse.Namespace, cases: Sequence[Case], plan: Sequence[Setting], report: dict,
+                 wall_s: Callable[[], float]) -> None:
+    """Measure every setting of ``plan`` that ``report`` does not hold yet, adding each summary to it (and to
+    ``--json``, so that an interrupted long run keeps what it measured); the settings end in the plan's order."""
+    measured = {setting_key(summary) for summary in report["settings"]}
+    for setting in plan:
+        if setting_key(setting) in measured:
+            continue
+        rows = measure(setting, cases, args.repeats, args.warmup, args.compile, progress=not args.no_progress,
+                       profile=args.profile, memory=not args.sweep)
+        summary = summarise(setting, rows, memory=not args.sweep)
+        report["settings"].append(summary)
+        print("\n" + format_summary(summary, args.compile), flush=True)
+        for entry in summary["results"]:
+            if entry.get("profile"):
+                print(f"\n#### torch.profiler: {entry['loss']}\n\n{entry['profile']}", flush=True)
+        report["wall_s"] = wall_s()
+        if args.json:
+            write_json(report, args.json)
+    order = {setting_key(setting): i for i, setting in enumerate(plan)}
+    report["settings"].sort(key=lambda summary: order[setting_key(summary)])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.from_json:
@@ -833,21 +906,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"Machine: {describe_machine(machine)}", flush=True)
     report = dict(machine=machine, command=" ".join([os.path.basename(sys.argv[0]), *(argv or sys.argv[1:])]),
                   repeats=args.repeats, warmup=args.warmup, compile=args.compile, sweep=args.sweep, settings=[])
-    started = time.perf_counter()
-    for setting in planned_settings(args):
-        rows = measure(setting, cases, args.repeats, args.warmup, args.compile, progress=not args.no_progress,
-                       profile=args.profile, memory=not args.sweep)
-        summary = summarise(setting, rows, memory=not args.sweep)
-        report["settings"].append(summary)
-        print("\n" + format_summary(summary, args.compile), flush=True)
-        for entry in summary["results"]:
-            if entry.get("profile"):
-                print(f"\n#### torch.profiler: {entry['loss']}\n\n{entry['profile']}", flush=True)
-        if args.json:  # after every setting, so an interrupted long run keeps what it measured
-            write_json(report, args.json)
+    plan = list(planned_settings(args))
+    if args.resume and os.path.exists(args.json):
+        report = resumed_report(args.json, report, plan, [case.name for case in cases])
+        print(f"Resuming {args.json}: {len(report['settings'])} of {len(plan)} settings measured, "
+              f"{len(plan) - len(report['settings'])} to go", flush=True)
+    started, wall_before = time.perf_counter(), report.get("wall_s", 0.0)
+
+    def wall_s() -> float:  # of every run of the report, resumed ones included
+        return round(wall_before + time.perf_counter() - started, 1)
+
+    measure_plan(args, cases, plan, report, wall_s)
     print_overview(report)
     report["machine"]["load_average_at_end"] = machine_info(args.devices[-1])["load_average"]
-    report["wall_s"] = round(time.perf_counter() - started, 1)
+    report["wall_s"] = wall_s()
     print(f"\nLoad average at the end: {report['machine']['load_average_at_end']}; {report['wall_s']} s")
     if args.json:
         write_json(report, args.json)

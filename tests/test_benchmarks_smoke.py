@@ -87,6 +87,61 @@ def test_size_sweep_reports_every_goal_per_size_and_label_dtype(tmp_path, monkey
     assert printed.split("### Size sweep")[1].split("Load average")[0] in capsys.readouterr().out
 
 
+def test_size_sweep_resumes_an_interrupted_run_and_refuses_another_one(tmp_path, monkeypatch, capsys):
+    """--resume keeps the settings an interrupted sweep wrote and measures only the rest, in the plan's order;
+    it refuses a file of other options, losses or another machine, naming both values."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_losses
+
+    monkeypatch.setattr(bench_losses, "SWEEP_QUICK", [(2, 3, (8, 8)), (1, 3, (4, 4, 4))])
+    out = tmp_path / "sweep.json"
+    command = ["--sweep", "--quick", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--label-dtype", "int16",
+               "--no-progress", "--losses", "MimeLoss", "--json", str(out), "--resume"]
+    measure, measured = bench_losses.measure, []
+
+    def interrupted_after_one(setting, *args, **kwargs):
+        if measured:
+            raise KeyboardInterrupt
+        measured.append(setting.shape)
+        return measure(setting, *args, **kwargs)
+
+    monkeypatch.setattr(bench_losses, "measure", interrupted_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        bench_losses.main(command)
+    first = json.loads(out.read_text())
+    assert [s["shape"] for s in first["settings"]] == [[2, 3, 8, 8]] and "wall_s" in first
+    first["wall_s"] = 1000.0  # a long first part, to see the resumed run carry its wall time on
+    out.write_text(json.dumps(first))
+
+    def recorded(setting, *args, **kwargs):
+        measured.append(setting.shape)
+        return measure(setting, *args, **kwargs)
+
+    monkeypatch.setattr(bench_losses, "measure", recorded)
+    assert bench_losses.main(command) == 0
+    assert measured == [(2, 3, 8, 8), (1, 3, 4, 4, 4)]  # the first size once, before the interruption
+    assert "Resuming " in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["settings"][0] == first["settings"][0]  # kept as measured, not measured again
+    assert [s["shape"] for s in report["settings"]] == [[2, 3, 8, 8], [1, 3, 4, 4, 4]]
+    assert 1000.0 <= report["wall_s"] < 1100.0 and len(report["machine"]["load_average_at_resume"]) == 1
+    assert bench_losses.main(command) == 0 and measured == [(2, 3, 8, 8), (1, 3, 4, 4, 4)]  # nothing left to run
+
+    with pytest.raises(SystemExit, match=r"with repeats=2 to resume, got repeats=1"):
+        bench_losses.main([*command[:4], "--repeats", "2", *command[6:]])
+    with pytest.raises(SystemExit, match=r"to have measured the losses .*'PhiDiceLoss\(phi=I\)'.*, got "):
+        bench_losses.main([*command[:-4], "MimeLoss", "PhiDiceLoss(phi=I)", *command[-3:]])
+    with pytest.raises(SystemExit, match=r"only settings of this command to resume, got \[2, 3, 8, 8\] float32 "
+                                         r"with int16 labels"):
+        bench_losses.main([*command[:9], "float32", *command[10:]])
+    report["machine"]["cpu"] = "another CPU"
+    out.write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match=r"measured on this machine to resume \(cpu .*\), got 'another CPU'"):
+        bench_losses.main(command)
+    with pytest.raises(SystemExit, match=r"expected --json OUT with --resume .*, got --resume alone"):
+        bench_losses.main([*command[:-3], "--resume"])
+
+
 def test_training_benchmark_names_trainers_nnunet_finds(monkeypatch):
     # the trainer list of bench_training.py is docs/losses.md §6; a renamed trainer would silently drop out
     monkeypatch.syspath_prepend(str(BENCHMARKS))
