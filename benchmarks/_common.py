@@ -6,6 +6,7 @@ import os
 import platform
 import statistics
 import subprocess
+from pathlib import Path
 from typing import Optional, Sequence
 
 # the project's one Markdown table and one (atomic) JSON writer, for the scripts that import them from here
@@ -71,6 +72,35 @@ def describe_machine(info: dict) -> str:
     if info.get("load_average"):
         text += ", load average " + " / ".join(f"{v:.2f}" for v in info["load_average"])
     return text
+
+
+def source_version() -> dict:
+    """The commit the runs were made at (read-only git calls: no index refresh)."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, env=env, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, env=env,
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "uncommitted_changes": None}
+    return {"commit": commit, "uncommitted_changes": bool(changes)}
+
+
+def package_fingerprint() -> str:
+    """A hash of the nnunet_losses package's Python source, paths included: what a timing measured, unlike
+    the commit, which also moves with a results-only commit."""
+    import hashlib
+
+    import nnunet_losses
+
+    root = Path(nnunet_losses.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
 
 
 def median(values: Sequence[float]) -> float:

@@ -48,7 +48,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from _common import describe_machine, machine_info, markdown_table, median, write_json
+from _common import describe_machine, machine_info, markdown_table, median, package_fingerprint, source_version, \
+    write_json
 
 COPY = "copy floor: x.clone()"
 NNUNET_DEFAULT = "nnU-Net default: DC_and_CE_loss"
@@ -726,9 +727,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="OUT", default=None, help="also write every measurement to this JSON file "
                                                                     "(after every setting)")
     parser.add_argument("--resume", action="store_true",
-                        help="with --json: keep the settings an earlier, interrupted run of the same command measured "
-                             "into OUT and measure the rest (refused when OUT holds another command's settings or "
-                             "was measured on another machine or library version); a missing OUT starts afresh")
+                        help="with --json: keep the settings an earlier, interrupted run measured into OUT and measure the "
+                             "rest (refused unless OUT has the same losses and options, settings that this command "
+                             "plans too, this machine, torch, nnunetv2 and nnunet_losses source); a missing OUT "
+                             "starts afresh; --from-json OUT prints every setting's table again")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     parser.add_argument("--from-json", metavar="IN", default=None,
                         help="print the tables of an earlier --json file and exit (no measurement)")
@@ -827,7 +829,7 @@ def planned_settings(args: argparse.Namespace):
                                   torch.device(device), LABEL_DTYPES[label_dtype])
 
 
-# what must agree for an earlier --json file to be continued: the measurement and the machine it ran on
+# what must agree for an earlier --json file to be continued: the measurement, the machine and the code it ran
 RESUME_RUN_KEYS = ("sweep", "repeats", "warmup", "compile")
 RESUME_MACHINE_KEYS = ("cpu", "cpu_cores", "torch_threads", "torch", "nnunetv2", "gpu")
 
@@ -836,45 +838,57 @@ def setting_key(setting) -> tuple:
     """What identifies one setting, for a ``Setting`` and for its summary in a ``--json`` file alike."""
     if isinstance(setting, Setting):
         return (tuple(setting.shape), _dtype_name(setting.dtype), str(setting.device), _dtype_name(setting.label_dtype))
-    return (tuple(setting["shape"]), setting["dtype"], setting["device"], setting["label_dtype"])
+    return (tuple(setting["shape"]), setting["dtype"], setting["device"], setting.get("label_dtype", "int16"))
 
 
 def resumed_report(path: str, report: dict, plan: Sequence[Setting], loss_names: Sequence[str]) -> dict:
     """The report in ``path`` of an earlier run of the same measurement, to be continued: its settings kept, its
-    machine and wall time carried on. Refused when it measured other settings, losses, repeats or options, or on
-    another machine: ratios from two machines would sit side by side in one table as if comparable."""
+    machine and wall time carried on (see :func:`refuse_unless_resumable`)."""
     import json
 
     with open(path) as f:
         earlier = json.load(f)
-    for key in RESUME_RUN_KEYS:
-        if earlier.get(key) != report[key]:
-            raise SystemExit(f"expected {path} to hold a run with {key}={report[key]!r} to resume, "
-                             f"got {key}={earlier.get(key)!r}")
-    for key in RESUME_MACHINE_KEYS:
-        if earlier["machine"].get(key) != report["machine"].get(key):
-            raise SystemExit(f"expected {path} to be measured on this machine to resume ({key} "
-                             f"{report['machine'].get(key)!r}), got {earlier['machine'].get(key)!r}")
-    planned = {setting_key(setting) for setting in plan}
-    for summary in earlier["settings"]:
-        if setting_key(summary) not in planned:
-            raise SystemExit(f"expected {path} to hold only settings of this command to resume, got "
-                             f"{summary['shape']} {summary['dtype']} with {summary['label_dtype']} labels")
-        losses = sorted(entry["loss"] for entry in summary["results"])
-        if losses != sorted(loss_names):
-            raise SystemExit(f"expected {path} to have measured the losses {sorted(loss_names)} to resume, "
-                             f"got {losses}")
+    refuse_unless_resumable(path, earlier, report, plan, loss_names)
     if report["command"] not in earlier["command"]:
         earlier["command"] += f" (resumed: {report['command']})"
     earlier["machine"].setdefault("load_average_at_resume", []).append(report["machine"]["load_average"])
     return earlier
 
 
+def refuse_unless_resumable(path: str, earlier: dict, report: dict, plan: Sequence[Setting],
+                            loss_names: Sequence[str]) -> None:
+    """SystemExit unless ``earlier`` measured the same losses with the same options, on this machine and
+    with the same package source, settings this plan has (it may have more): otherwise ratios that cannot
+    be compared would sit side by side in one table."""
+    for key in RESUME_RUN_KEYS:
+        if earlier.get(key) != report[key]:
+            raise SystemExit(f"expected {path} to hold a run with {key}={report[key]!r} to resume, "
+                             f"got {key}={earlier.get(key)!r}")
+    for key in RESUME_MACHINE_KEYS:
+        if earlier.get("machine", {}).get(key) != report["machine"].get(key):
+            raise SystemExit(f"expected {path} to be measured on this machine to resume ({key} "
+                             f"{report['machine'].get(key)!r}), got {earlier.get('machine', {}).get(key)!r}")
+    fingerprint = earlier.get("source", {}).get("package_sha256")
+    if fingerprint != report["source"]["package_sha256"]:
+        raise SystemExit(f"expected {path} to be measured with this nnunet_losses source to resume (package_sha256 "
+                         f"{report['source']['package_sha256']}), got {fingerprint}")
+    planned = {setting_key(setting) for setting in plan}
+    for summary in earlier["settings"]:
+        if setting_key(summary) not in planned:
+            raise SystemExit(f"expected {path} to hold only settings of this command to resume, got "
+                             f"{summary['shape']} {summary['dtype']} with {setting_key(summary)[3]} labels")
+        losses = sorted(entry["loss"] for entry in summary["results"])
+        if losses != sorted(loss_names):
+            raise SystemExit(f"expected {path} to have measured the losses {sorted(loss_names)} to resume, "
+                             f"got {losses}")
+
+
 def measure_plan(args: argparse.Namespace, cases: Sequence[Case], plan: Sequence[Setting], report: dict,
                  wall_s: Callable[[], float]) -> None:
-    """Measure every setting of ``plan`` that ``report`` does not hold yet, adding each summary to it (and to
-    ``--json``, so that an interrupted long run keeps what it measured); the settings end in the plan's order."""
+    """Measure every setting of ``plan`` that ``report`` does not hold yet, adding each summary to it, in the
+    plan's order, and writing ``--json`` after each (an interrupted long run keeps what it measured)."""
     measured = {setting_key(summary) for summary in report["settings"]}
+    order = {setting_key(setting): i for i, setting in enumerate(plan)}
     for setting in plan:
         if setting_key(setting) in measured:
             continue
@@ -882,6 +896,7 @@ def measure_plan(args: argparse.Namespace, cases: Sequence[Case], plan: Sequence
                        profile=args.profile, memory=not args.sweep)
         summary = summarise(setting, rows, memory=not args.sweep)
         report["settings"].append(summary)
+        report["settings"].sort(key=lambda summary: order[setting_key(summary)])  # a resumed file's too
         print("\n" + format_summary(summary, args.compile), flush=True)
         for entry in summary["results"]:
             if entry.get("profile"):
@@ -889,12 +904,13 @@ def measure_plan(args: argparse.Namespace, cases: Sequence[Case], plan: Sequence
         report["wall_s"] = wall_s()
         if args.json:
             write_json(report, args.json)
-    order = {setting_key(setting): i for i, setting in enumerate(plan)}
-    report["settings"].sort(key=lambda summary: order[setting_key(summary)])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.from_json and args.resume:
+        raise SystemExit("expected --resume with --json (a run to continue), got it with --from-json (which measures "
+                         "nothing)")
     if args.from_json:
         return print_report(args.from_json, args.plot)
     args = resolve_arguments(args)
@@ -905,7 +921,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     machine = machine_info(args.devices[-1])
     print(f"Machine: {describe_machine(machine)}", flush=True)
     report = dict(machine=machine, command=" ".join([os.path.basename(sys.argv[0]), *(argv or sys.argv[1:])]),
-                  repeats=args.repeats, warmup=args.warmup, compile=args.compile, sweep=args.sweep, settings=[])
+                  repeats=args.repeats, warmup=args.warmup, compile=args.compile, sweep=args.sweep,
+                  source={**source_version(), "package_sha256": package_fingerprint()}, settings=[])
     plan = list(planned_settings(args))
     if args.resume and os.path.exists(args.json):
         report = resumed_report(args.json, report, plan, [case.name for case in cases])

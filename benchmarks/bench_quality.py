@@ -38,11 +38,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -55,7 +53,7 @@ import numpy as np
 from nnunet_losses.trainers import TRAINER_NAMES
 from nnunet_losses.training.names import SEPARATOR, match_token, short_run_name
 
-from _common import describe_machine, machine_info, markdown_table, write_json
+from _common import describe_machine, machine_info, markdown_table, source_version, write_json
 from bench_training import missing_trainers, nnunet_command, nnunet_environment, run_logged
 
 BASELINE = "nnUNetTrainer"
@@ -497,20 +495,6 @@ def training_curve(checkpoint: Path, iterations_per_epoch: int, names: Sequence[
             "mean_fg_dice": series("mean_fg_dice"), "ema_fg_dice": series("ema_fg_dice"),
             "dice_per_class": {name: [epoch[i] for epoch in per_class] for i, name in enumerate(names)},
             "train_loss": series("train_losses"), "val_loss": series("val_losses"), "lr": series("lrs")}
-
-
-def source_version() -> dict:
-    """The commit the runs were made at (read-only git calls: no index refresh)."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, env=env, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, env=env,
-                                 capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "uncommitted_changes": None}
-    return {"commit": commit, "uncommitted_changes": bool(changes)}
 
 
 def execute_run(run: Run, work: Path, raw: Path, args: argparse.Namespace) -> dict:

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,11 +90,11 @@ def test_size_sweep_reports_every_goal_per_size_and_label_dtype(tmp_path, monkey
 
 def test_size_sweep_resumes_an_interrupted_run_and_refuses_another_one(tmp_path, monkeypatch, capsys):
     """--resume keeps the settings an interrupted sweep wrote and measures only the rest, in the plan's order;
-    it refuses a file of other options, losses or another machine, naming both values."""
+    it refuses a file of other options, losses, machine or package source, naming both values."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import bench_losses
 
-    monkeypatch.setattr(bench_losses, "SWEEP_QUICK", [(2, 3, (8, 8)), (1, 3, (4, 4, 4))])
+    sizes = [(2, 3, (8, 8)), (1, 3, (4, 4, 4))]
     out = tmp_path / "sweep.json"
     command = ["--sweep", "--quick", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--label-dtype", "int16",
                "--no-progress", "--losses", "MimeLoss", "--json", str(out), "--resume"]
@@ -105,11 +106,13 @@ def test_size_sweep_resumes_an_interrupted_run_and_refuses_another_one(tmp_path,
         measured.append(setting.shape)
         return measure(setting, *args, **kwargs)
 
+    # the first part measured the sizes in the other order: the resumed file must still end in the plan's
+    monkeypatch.setattr(bench_losses, "SWEEP_QUICK", sizes[::-1])
     monkeypatch.setattr(bench_losses, "measure", interrupted_after_one)
     with pytest.raises(KeyboardInterrupt):
         bench_losses.main(command)
     first = json.loads(out.read_text())
-    assert [s["shape"] for s in first["settings"]] == [[2, 3, 8, 8]] and "wall_s" in first
+    assert [s["shape"] for s in first["settings"]] == [[1, 3, 4, 4, 4]] and "wall_s" in first
     first["wall_s"] = 1000.0  # a long first part, to see the resumed run carry its wall time on
     out.write_text(json.dumps(first))
 
@@ -117,15 +120,19 @@ def test_size_sweep_resumes_an_interrupted_run_and_refuses_another_one(tmp_path,
         measured.append(setting.shape)
         return measure(setting, *args, **kwargs)
 
+    monkeypatch.setattr(bench_losses, "SWEEP_QUICK", sizes)
     monkeypatch.setattr(bench_losses, "measure", recorded)
+    started = time.perf_counter()
     assert bench_losses.main(command) == 0
-    assert measured == [(2, 3, 8, 8), (1, 3, 4, 4, 4)]  # the first size once, before the interruption
+    elapsed = time.perf_counter() - started
+    assert measured == [(1, 3, 4, 4, 4), (2, 3, 8, 8)]  # each size once: the first before the interruption
     assert "Resuming " in capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert report["settings"][0] == first["settings"][0]  # kept as measured, not measured again
+    assert report["settings"][1] == first["settings"][0]  # kept as measured, not measured again
     assert [s["shape"] for s in report["settings"]] == [[2, 3, 8, 8], [1, 3, 4, 4, 4]]
-    assert 1000.0 <= report["wall_s"] < 1100.0 and len(report["machine"]["load_average_at_resume"]) == 1
-    assert bench_losses.main(command) == 0 and measured == [(2, 3, 8, 8), (1, 3, 4, 4, 4)]  # nothing left to run
+    assert 1000.0 <= report["wall_s"] <= 1000.0 + elapsed + 0.1
+    assert len(report["machine"]["load_average_at_resume"]) == 1
+    assert bench_losses.main(command) == 0 and len(measured) == 2  # nothing left to run
 
     with pytest.raises(SystemExit, match=r"with repeats=2 to resume, got repeats=1"):
         bench_losses.main([*command[:4], "--repeats", "2", *command[6:]])
@@ -134,12 +141,18 @@ def test_size_sweep_resumes_an_interrupted_run_and_refuses_another_one(tmp_path,
     with pytest.raises(SystemExit, match=r"only settings of this command to resume, got \[2, 3, 8, 8\] float32 "
                                          r"with int16 labels"):
         bench_losses.main([*command[:9], "float32", *command[10:]])
-    report["machine"]["cpu"] = "another CPU"
-    out.write_text(json.dumps(report))
-    with pytest.raises(SystemExit, match=r"measured on this machine to resume \(cpu .*\), got 'another CPU'"):
-        bench_losses.main(command)
     with pytest.raises(SystemExit, match=r"expected --json OUT with --resume .*, got --resume alone"):
         bench_losses.main([*command[:-3], "--resume"])
+    with pytest.raises(SystemExit, match=r"expected --resume with --json .*, got it with --from-json"):
+        bench_losses.main(["--from-json", str(out), "--resume"])
+    for section, key, value, shown in [("source", "package_sha256", "0123abcd", "got 0123abcd"),
+                                       ("machine", "cpu", "another CPU", r"\(cpu .*\), got 'another CPU'")]:
+        changed = json.loads(json.dumps(report))
+        changed[section][key] = value
+        out.write_text(json.dumps(changed))
+        with pytest.raises(SystemExit, match=r"to resume .*" + shown):
+            bench_losses.main(command)
+    assert len(measured) == 2  # every refusal before measuring
 
 
 def test_training_benchmark_names_trainers_nnunet_finds(monkeypatch):
