@@ -41,9 +41,10 @@ ROW_MEANINGS = {
     "nnUNetTrainerMime_cwfixed": "the paper's mime (Kervadec eq. 9, one weight pair for every class) under nnU-Net's "
                                  "SGD: linear in the probabilities, it settles on the background and predicts the "
                                  "small lesion nowhere (in some runs the thin vessel neither)",
-    "nnUNetTrainerMime": "the same mime with per-class weights from the class counts (Kervadec §2.3, this "
-                         "trainer's default): the lesion is learned again, below the reference and "
-                         "over-segmented (a linear loss's fixed weights favour the small classes)",
+    "nnUNetTrainerMime": "the same mime with per-class weights from the class counts (Kervadec §2.3) that are "
+                         "annealed to the paper's over the second half (this trainer's default): the small "
+                         "structures are learned while the weights favour them, and the annealing ends on the "
+                         "paper's unbiased choice; near the reference",
     "nnUNetTrainerDiceICE": "the paper's image-wise Dice (Tilborghs, Phi = I) + nnU-Net's CE: nnU-Net's own "
                             "recipe with the paper's Dice term, within the reference's run-to-run spread (Dice "
                             "alone would lose the lesion: benchmarks/README.md)",

@@ -126,7 +126,7 @@ def test_another_spelling_of_the_same_experiment_is_refused_with_the_canonical_n
     ("nnUNetTrainerLeafDice_bg1", "include_background", "nnUNetTrainerLeafDice"),
     ("nnUNetTrainerDiceIEps_adam_3ep", "optimizer", "nnUNetTrainerDiceIEps_3ep"),  # its own optimizer is Adam
     ("nnUNetTrainerDiceIEps_lr0.001", "lr", "nnUNetTrainerDiceIEps"),
-    ("nnUNetTrainerMime_cwbalanced", "class_weights", "nnUNetTrainerMime"),
+    ("nnUNetTrainerMime_cwannealed", "class_weights", "nnUNetTrainerMime"),
 ])
 def test_a_token_that_repeats_the_trainers_own_value_is_refused(name, redundant, canonical):
     with pytest.raises(TrainerNameError, match=rf"{redundant} is \w+'s own value already: the name of this "

@@ -575,7 +575,8 @@ def test_mime_trainer_balances_its_weights_from_its_training_dataloader(planned,
         per_scale = torch.stack([getattr(loss, name) for loss in trainer.mime_losses])
         torch.testing.assert_close(per_scale, torch.tensor(expected, dtype=torch.float64))
     assert "Estimating the class counts for the mime weights from 2 training batches" in log_text(trainer)
-    assert "Class-balanced mime weights, per deep-supervision scale (rows) and class (columns): a = " in log_text(trainer)
+    assert "Class-balanced mime weights (annealed: the balancing factors to the power 1), per deep-supervision " \
+           "scale (rows) and class (columns): a = " in log_text(trainer)
     outputs, targets = scale_batches("labels", seed=3, size=4, scales=2)
     expected = mime_loss(outputs[0], targets[0], a=BALANCED_A[0], b=BALANCED_B[0])
     torch.testing.assert_close(trainer.loss(outputs, targets), expected)
@@ -623,6 +624,59 @@ def test_mime_checkpoint_round_trip_reuses_the_stored_counts(planned, tmp_path, 
     assert "Estimating the class counts" not in log_text(second)
 
 
+def test_annealed_mime_weights_go_from_balanced_to_the_papers_in_the_second_half(planned, tmp_path, monkeypatch):
+    # 20 epochs, anneal_window (0.5, 1): the factors k_c (power 1) to epoch 10, then to the power (20 - epoch) / 10
+    annealed = nnUNetTrainerMime  # the default; _cwbalanced keeps the factors throughout
+    trainer = own_log(build_trainer(annealed, planned), tmp_path)
+    trainer.num_epochs = 20
+    trainer.loss = trainer._build_loss()
+    trainer.class_counts = [torch.tensor([2.0, 1.0, 0.25, 0.5], dtype=torch.float64)] * 4  # k as by hand above
+    monkeypatch.setattr(nnUNetTrainer, "on_train_epoch_start", lambda self: None)
+    k = (0.46875, 0.9375, 3.75, 1.875)
+    for epoch, power in ((0, 1.0), (10, 1.0), (15, 0.5), (19, 0.1)):
+        trainer.current_epoch = epoch
+        trainer.on_train_epoch_start()
+        assert trainer.mime_losses[0].a.tolist() == pytest.approx([1.9 * kc ** power for kc in k])
+        assert trainer.mime_losses[3].b.tolist() == pytest.approx([0.1 * kc ** power for kc in k])
+    trainer.current_epoch = 20  # past the window (a longer run resumed with fewer epochs): the paper's weights
+    trainer.on_train_epoch_start()
+    assert trainer.mime_losses[0].a.tolist() == pytest.approx([1.9] * 4)
+    assert "Class-balanced mime weights (annealed: the balancing factors to the power 0.5), per" in log_text(trainer)
+
+    # --c after epoch 15: the stored counts and nnU-Net's restored epoch give the next epoch's weights at once
+    first = build_trainer(annealed, planned)
+    first.initialize()
+    first.num_epochs, first.current_epoch = 20, 15
+    first.class_counts = trainer.class_counts
+    checkpoint = str(tmp_path / "checkpoint_latest.pth")
+    first.save_checkpoint(checkpoint)
+    resumed = own_log(build_trainer(annealed, planned), tmp_path)
+    resumed.num_epochs = 20
+    resumed.load_checkpoint(checkpoint)
+    assert resumed.current_epoch == 16  # nnU-Net stores the next epoch to run
+    assert resumed.mime_losses[0].a.tolist() == pytest.approx([1.9 * kc ** 0.4 for kc in k])
+
+
+def test_balanced_mime_weights_stay_balanced_and_a_bad_anneal_window_stops_at_start_up(planned, monkeypatch):
+    balanced = trainer_with_settings(nnUNetTrainerMime, class_weights="balanced")
+    assert balanced.__name__ == "nnUNetTrainerMime_cwbalanced"
+    trainer = build_trainer(balanced, planned)
+    trainer.num_epochs, trainer.current_epoch = 20, 19
+    trainer.loss = trainer._build_loss()
+    trainer.class_counts = [torch.tensor([2.0, 1.0, 0.25, 0.5], dtype=torch.float64)] * 4
+    monkeypatch.setattr(nnUNetTrainer, "on_train_epoch_start", lambda self: None)
+    trainer._use_class_counts()
+    trainer.on_train_epoch_start()
+    assert trainer.mime_losses[0].a.tolist() == pytest.approx(BALANCED_A[0])
+
+    class Backwards(nnUNetTrainerMime):
+        anneal_window = (0.8, 0.5)
+
+    with pytest.raises(ValueError, match=r"Backwards.anneal_window: expected fractions of the epochs 0 <= start < "
+                                         r"end, got \(0.8, 0.5\)"):
+        build_trainer(Backwards, planned)._build_loss()
+
+
 def test_fixed_mime_weights_estimate_nothing_and_store_nothing(planned, tmp_path, monkeypatch):
     fixed = trainer_with_settings(nnUNetTrainerNegativeMime, class_weights="fixed")
     assert fixed.__name__ == "nnUNetTrainerNegativeMime_cwfixed"
@@ -642,7 +696,8 @@ def test_unknown_class_weights_stop_at_start_up(planned):
     class Odd(nnUNetTrainerMime):
         class_weights = "inverse"
 
-    with pytest.raises(ValueError, match=r"Odd.class_weights: expected one of \('balanced', 'fixed'\), got 'inverse'"):
+    with pytest.raises(ValueError, match=r"Odd.class_weights: expected one of \('balanced', 'annealed', 'fixed'\), "
+                                         r"got 'inverse'"):
         build_trainer(Odd, planned)._build_loss()
 
 

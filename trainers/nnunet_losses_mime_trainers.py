@@ -1,21 +1,28 @@
 """Mime and negative mime trainers (Kervadec & de Bruijne, "On the dice loss gradient and the ways to
 mimic it"): nnU-Net with a linear loss whose gradient mimics the Dice loss's, in place of DC+CE.
 
-By default the weights are balanced between classes from the dataset's class distribution (§2.3:
+By default the weights start balanced between classes from the dataset's class distribution (§2.3:
 "pre-computed based on ... the dataset classes-distribution"): class c gets ``k_c·a, k_c·b`` with
 ``k_c`` inversely proportional to its mean voxel count in the trainer's own training patches
 (:func:`~nnunet_losses.training.class_counts.balanced_class_scales`), as the Dice gradient scales
-with 1/size. Without it (``class_weights = "fixed"``, ``-tr nnUNetTrainerMime_cwfixed``: the paper's
-experiments) a linear loss under nnU-Net's SGD settles on the background: a structure of 1-2 % of the
-image then gets about 1/30 of CE's push and is never predicted (benchmarks/README.md, training quality).
+with 1/size; over the second half of training the factors are annealed to 1 (``k_c`` to a power
+falling linearly from 1 to 0), which ends on the paper's weights (``class_weights = "annealed"``).
+Why both, measured (benchmarks/README.md, training quality):
 
-The price, measured: with per-class weights the voxel's choice is no longer p_c > p_d but
-``p_c (a_c + b_d) > p_d (b_c + a_d)``, so a small class wins from about ``b/(a+b)`` = 5 % probability
-and is over-segmented (the vessel at 1.2-1.6x its volume at 5x25). ``a = b`` would keep the choice
-unbiased, but then a class of share f starts with a net push down, ``k(b(1-f) - a f) > 0`` wherever
-``b/a > f/(1-f)``, and is never predicted (``a = b = 1``: lesion and vessel at 0.00x their volume, one
-run).
-A linear loss cannot have both; Dice can, because its push ``2I/U²`` grows with the overlap.
+- the paper's weights throughout (``"fixed"``, ``-tr nnUNetTrainerMime_cwfixed``: its experiments): a
+  linear loss under nnU-Net's SGD settles on the background; a structure of 1-2 % of the image gets
+  about 1/30 of CE's push and is never predicted;
+- balanced throughout (``"balanced"``, ``-tr nnUNetTrainerMime_cwbalanced``): the small structures are
+  learned, but over-segmented, because the voxel's choice is then ``p_c (a_c + b_d) > p_d (b_c + a_d)``,
+  not ``p_c > p_d``: a small class wins from a few per cent probability (lesion at 1.2x its volume).
+  ``a = b`` would keep the choice unbiased, but a class of share f then starts with a net push down
+  wherever ``b/a > f/(1-f)`` and is never predicted (``a = b = 1``: lesion and vessel at 0.00x);
+- balanced, then annealed: the small structures are found while the weights are balanced, and the
+  choice ends unbiased with the paper's weights (lesion at 1.0-1.1x its volume). Annealing from the
+  start instead (over the first half) lost the lesion in 1 of 2 runs.
+
+A linear loss with fixed weights cannot have both; Dice can, because its push ``2I/U²`` grows with
+the overlap.
 
 nnU-Net imports this module under its bare name from the folder in ``nnUNet_extTrainer``: only
 absolute imports work here.
@@ -35,14 +42,19 @@ from nnunet_losses.training.loss_assembly import (
     refuse_regions,
 )
 
-CLASS_WEIGHTS = ("balanced", "fixed")
+CLASS_WEIGHTS = ("balanced", "annealed", "fixed")
 
 
 class ClassBalancedMimeTrainer(ClassCountsFromSampler, nnUNetTrainer):
     """What the mime trainers share: one mime per output scale, its ``a``/``b`` multiplied per class by
-    the balanced factors of that scale's class counts (``class_weights = "balanced"``)."""
+    the balanced factors of that scale's class counts, to a power annealed from 1 to 0 over the second
+    half of training (``class_weights = "annealed"``)."""
 
-    class_weights = "balanced"  # or "fixed": the same a, b for every class, as in the paper's experiments
+    # "annealed": balanced until anneal_window[0] of the epochs, then the factors k_c to a power falling
+    # linearly to 0 (the fixed weights) at anneal_window[1]; "balanced" throughout; "fixed": the same a, b
+    # for every class, as in the paper's experiments
+    class_weights = "annealed"
+    anneal_window = (0.5, 1.0)
     include_background = True
     reduction = "mean"  # per-voxel mean keeps nnU-Net's learning rate and gradient clipping sensible
     _class_counts_key = "mime_class_counts"
@@ -59,6 +71,10 @@ class ClassBalancedMimeTrainer(ClassCountsFromSampler, nnUNetTrainer):
         if self.class_weights not in CLASS_WEIGHTS:
             raise ValueError(f"{type(self).__name__}.class_weights: expected one of {CLASS_WEIGHTS}, "
                              f"got {self.class_weights!r}")
+        start, end = self.anneal_window
+        if self.class_weights == "annealed" and not 0 <= start < end:
+            raise ValueError(f"{type(self).__name__}.anneal_window: expected fractions of the epochs 0 <= start < end, "
+                             f"got {self.anneal_window}")
         balanced = self._needs_class_counts()
         self.mime_losses = [self._mime_loss(balanced) for _ in range(num_output_scales(self))]
         if balanced and self.class_counts is not None:
@@ -66,18 +82,35 @@ class ClassBalancedMimeTrainer(ClassCountsFromSampler, nnUNetTrainer):
         return assemble_loss(self, self.mime_losses)
 
     def _needs_class_counts(self) -> bool:
-        return self.class_weights == "balanced"
+        return self.class_weights in ("balanced", "annealed")
+
+    def _balance_strength(self) -> float:
+        """The exponent of the balancing factors in this epoch: 1 (balanced); when annealed, falling linearly
+        from 1 to 0 (the paper's fixed weights) over ``anneal_window`` (fractions of the epochs)."""
+        if self.class_weights != "annealed":
+            return 1.0
+        start, end = (fraction * self.num_epochs for fraction in self.anneal_window)
+        return min(1.0, max(0.0, (end - self.current_epoch) / (end - start)))
+
+    def on_train_epoch_start(self):
+        if self.class_weights == "annealed" and self.class_counts is not None:
+            self._use_class_counts()
+        super().on_train_epoch_start()
 
     def _use_class_counts(self):
-        weights = [self._balanced_weights(counts) for counts in self.class_counts]
+        strength = self._balance_strength()
+        weights = [self._balanced_weights(counts, strength) for counts in self.class_counts]
         for loss, (a, b) in zip(self.mime_losses, weights):
             loss.a, loss.b = a, b
-        self.print_to_log_file("Class-balanced mime weights, per deep-supervision scale (rows) and class (columns): "
+        annealed = f" (annealed: the balancing factors to the power {strength:g})" if self.class_weights == "annealed" \
+            else ""
+        self.print_to_log_file(f"Class-balanced mime weights{annealed}, per deep-supervision scale (rows) and class "
+                               "(columns): "
                                f"a = {json.dumps([a.tolist() for a, _ in weights])}, "
                                f"b = {json.dumps([b.tolist() for _, b in weights])}")
 
-    def _balanced_weights(self, counts: torch.Tensor) -> tuple:
-        scales = balanced_class_scales(counts)
+    def _balanced_weights(self, counts: torch.Tensor, strength: float = 1.0) -> tuple:
+        scales = balanced_class_scales(counts) ** strength
         balanced = []
         for name, value in zip("ab", self._weights()):
             value = torch.as_tensor(value, dtype=torch.float64)
@@ -90,8 +123,8 @@ class ClassBalancedMimeTrainer(ClassCountsFromSampler, nnUNetTrainer):
 
 class nnUNetTrainerMime(ClassBalancedMimeTrainer):
     """Mime loss ``Σ w·s / N``, ``w = -a·y + b·(1-y)`` (paper eq. 9; ``a=1.9, b=0.1`` is its
-    ``ω = -2y + 0.1``), class-balanced by default. ``a``/``b`` may be per-class sequences. Labels
-    (softmax) and regions (sigmoid)."""
+    ``ω = -2y + 0.1``), class-balanced then annealed to these weights by default. ``a``/``b`` may be
+    per-class sequences. Labels (softmax) and regions (sigmoid)."""
 
     a = 1.9
     b = 0.1
@@ -105,8 +138,8 @@ class nnUNetTrainerMime(ClassBalancedMimeTrainer):
 
 
 class nnUNetTrainerNegativeMime(ClassBalancedMimeTrainer):
-    """Negative mime ``-Σ y·s / N`` (paper eq. 10), class-balanced by default (``-Σ k_c y_c s_c / N``,
-    the mime with ``a = k_c, b = 0``). Labels (softmax) only."""
+    """Negative mime ``-Σ y·s / N`` (paper eq. 10), by default class-balanced (``-Σ k_c y_c s_c / N``, the
+    mime with ``a = k_c, b = 0``) then annealed to eq. 10 itself. Labels (softmax) only."""
 
     def _weights(self) -> tuple:
         return 1.0, 0.0

@@ -14,9 +14,10 @@ token               sets                        trainers
 ``bg0`` / ``bg1``   ``include_background``      Mime, NegativeMime, Dice, Marginal, Leaf
 ``sum`` / ``mean``  ``reduction``               Mime, NegativeMime
 ``cwfixed`` /       ``class_weights``: the      Mime, NegativeMime
-``cwbalanced``      paper's a, b for every
-                    class, or balanced by the
-                    class counts
+``cwbalanced`` /    paper's a, b for every
+``cwannealed``      class, balanced by the
+                    class counts, or balanced
+                    then annealed to fixed
 ``countbatches20``  ``count_batches``           DiceIEps, Mime, NegativeMime
 ``lam0.5``          ``lam``                     CEL1, CEKL
 ``tau5``            ``tau``                     CEL1, CEKL
@@ -121,8 +122,8 @@ TOKENS = (
     Token("include_background", r"bg(?P<value>[01])", lambda v: v == "1", lambda v: f"bg{int(v)}",
           "include_background", "background term in the loss (0 or 1)"),
     _word_token("reduction", ("sum", "mean"), "reduction", "mime: paper's sum or per-voxel mean"),
-    Token("class_weights", r"cw(?P<value>balanced|fixed)", str, lambda v: f"cw{v}", "class_weights",
-          "mime weights: balanced by the class counts, or the same for every class (the paper's)"),
+    Token("class_weights", r"cw(?P<value>balanced|annealed|fixed)", str, lambda v: f"cw{v}", "class_weights",
+          "mime weights: balanced by the class counts, annealed from balanced to fixed, or the same for every class (the paper's)"),
     Token("count_batches", r"countbatches(?P<value>\d+)", int, lambda v: f"countbatches{v}", "count_batches",
           "batches the class counts (heuristic epsilon, balanced mime weights) are estimated from"),
     _number_token("lam", "lam", "lam", "weight of the label-marginal penalty"),
@@ -207,7 +208,7 @@ def token_form(token: Token) -> str:
     """The token's form for people: ``a<v>``, ``bg0|bg1``, ``<E>ep``."""
     forms = {"include_background": "bg0|bg1", "reduction": "sum|mean", "optimizer": "sgd|adam|adamw",
              "epochs": "<E>ep", "iterations": "<I>it", "count_batches": "countbatches<N>",
-             "class_weights": "cwbalanced|cwfixed",
+             "class_weights": "cwbalanced|cwannealed|cwfixed",
              "source_sampling": "srcsqrt|srcuniform"}
     if token.key in forms:
         return forms[token.key]
