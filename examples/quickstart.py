@@ -43,7 +43,7 @@ ROW_MEANINGS = {
                                  "small lesion nowhere (in some runs the thin vessel neither)",
     "nnUNetTrainerMime": "the same mime with per-class weights from the class counts (Kervadec §2.3) that are "
                          "annealed to the paper's over the second half (this trainer's default): the small "
-                         "structures are learned while the weights favour them, and the annealing ends on the "
+                         "structures are learned while the weights favour them, and the annealing brings back the "
                          "paper's unbiased choice; near the reference",
     "nnUNetTrainerDiceICE": "the paper's image-wise Dice (Tilborghs, Phi = I) + nnU-Net's CE: nnU-Net's own "
                             "recipe with the paper's Dice term, within the reference's run-to-run spread (Dice "

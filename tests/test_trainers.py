@@ -631,13 +631,24 @@ def test_annealed_mime_weights_go_from_balanced_to_the_papers_in_the_second_half
     trainer.num_epochs = 20
     trainer.loss = trainer._build_loss()
     trainer.class_counts = [torch.tensor([2.0, 1.0, 0.25, 0.5], dtype=torch.float64)] * 4  # k as by hand above
-    monkeypatch.setattr(nnUNetTrainer, "on_train_epoch_start", lambda self: None)
+    started = []  # nnU-Net's own epoch start (learning rate, train mode, "Epoch N") still runs
+    monkeypatch.setattr(nnUNetTrainer, "on_train_epoch_start", lambda self: started.append(self.current_epoch))
     k = (0.46875, 0.9375, 3.75, 1.875)
     for epoch, power in ((0, 1.0), (10, 1.0), (15, 0.5), (19, 0.1)):
         trainer.current_epoch = epoch
         trainer.on_train_epoch_start()
         assert trainer.mime_losses[0].a.tolist() == pytest.approx([1.9 * kc ** power for kc in k])
         assert trainer.mime_losses[3].b.tolist() == pytest.approx([0.1 * kc ** power for kc in k])
+    assert started == [0, 10, 15, 19]
+    # the loss the network is trained with uses them: the mime of epoch 19's weights at every scale
+    outputs, targets = scale_batches("labels", seed=3, scales=4)
+    a19, b19 = [1.9 * kc ** 0.1 for kc in k], [0.1 * kc ** 0.1 for kc in k]
+    expected = sum(weight * mime_loss(o, t, a=a19, b=b19) for weight, o, t in
+                   zip(trainer.loss.weight_factors, outputs, targets))
+    torch.testing.assert_close(trainer.loss(outputs, targets), expected)
+    log_lines = log_text(trainer).count("Class-balanced mime weights")
+    trainer.on_train_epoch_start()  # the same epoch again: the same power, not set or logged again
+    assert log_text(trainer).count("Class-balanced mime weights") == log_lines
     trainer.current_epoch = 20  # past the window (a longer run resumed with fewer epochs): the paper's weights
     trainer.on_train_epoch_start()
     assert trainer.mime_losses[0].a.tolist() == pytest.approx([1.9] * 4)

@@ -6,7 +6,8 @@ By default the weights start balanced between classes from the dataset's class d
 ``k_c`` inversely proportional to its mean voxel count in the trainer's own training patches
 (:func:`~nnunet_losses.training.class_counts.balanced_class_scales`), as the Dice gradient scales
 with 1/size; over the second half of training the factors are annealed to 1 (``k_c`` to a power
-falling linearly from 1 to 0), which ends on the paper's weights (``class_weights = "annealed"``).
+falling linearly from 1 to 0, in reach of the paper's weights at the last epoch: power ``2/epochs``),
+(``class_weights = "annealed"``).
 Why both, measured (benchmarks/README.md, training quality):
 
 - the paper's weights throughout (``"fixed"``, ``-tr nnUNetTrainerMime_cwfixed``: its experiments): a
@@ -18,7 +19,7 @@ Why both, measured (benchmarks/README.md, training quality):
   ``a = b`` would keep the choice unbiased, but a class of share f then starts with a net push down
   wherever ``b/a > f/(1-f)`` and is never predicted (``a = b = 1``: lesion and vessel at 0.00x);
 - balanced, then annealed: the small structures are found while the weights are balanced, and the
-  choice ends unbiased with the paper's weights (lesion at 1.0-1.1x its volume). Annealing from the
+  choice comes back to the unbiased one of the paper's weights (lesion at 1.0-1.1x its volume). Annealing from the
   start instead (over the first half) lost the lesion in 1 of 2 runs.
 
 A linear loss with fixed weights cannot have both; Dice can, because its push ``2I/U²`` grows with
@@ -86,19 +87,24 @@ class ClassBalancedMimeTrainer(ClassCountsFromSampler, nnUNetTrainer):
 
     def _balance_strength(self) -> float:
         """The exponent of the balancing factors in this epoch: 1 (balanced); when annealed, falling linearly
-        from 1 to 0 (the paper's fixed weights) over ``anneal_window`` (fractions of the epochs)."""
+        from 1 to 0 (the paper's fixed weights) over ``anneal_window`` (fractions of the epochs). The last
+        epoch, ``num_epochs - 1``, trains at ``2 / num_epochs`` with the default window (0.002 at nnU-Net's
+        1000 epochs, 0.1 at 20)."""
         if self.class_weights != "annealed":
             return 1.0
         start, end = (fraction * self.num_epochs for fraction in self.anneal_window)
         return min(1.0, max(0.0, (end - self.current_epoch) / (end - start)))
 
     def on_train_epoch_start(self):
-        if self.class_weights == "annealed" and self.class_counts is not None:
+        super().on_train_epoch_start()  # first: the weights' log line belongs to this epoch's block
+        if self.class_weights == "annealed" and self.class_counts is not None \
+                and self._balance_strength() != self._applied_strength:
             self._use_class_counts()
-        super().on_train_epoch_start()
+
+    _applied_strength = None  # the power the mime weights were last set with
 
     def _use_class_counts(self):
-        strength = self._balance_strength()
+        strength = self._applied_strength = self._balance_strength()
         weights = [self._balanced_weights(counts, strength) for counts in self.class_counts]
         for loss, (a, b) in zip(self.mime_losses, weights):
             loss.a, loss.b = a, b
