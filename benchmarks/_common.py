@@ -102,7 +102,6 @@ def package_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 

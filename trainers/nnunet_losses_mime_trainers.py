@@ -6,8 +6,8 @@ By default the weights start balanced between classes from the dataset's class d
 ``k_c`` inversely proportional to its mean voxel count in the trainer's own training patches
 (:func:`~nnunet_losses.training.class_counts.balanced_class_scales`), as the Dice gradient scales
 with 1/size; over the second half of training the factors are annealed to 1 (``k_c`` to a power
-falling linearly from 1 to 0, in reach of the paper's weights at the last epoch: power ``2/epochs``),
-(``class_weights = "annealed"``).
+falling linearly from 1 to 0; the last epoch trains at power ``2/epochs``, near the paper's weights):
+``class_weights = "annealed"``.
 Why both, measured (benchmarks/README.md, training quality):
 
 - the paper's weights throughout (``"fixed"``, ``-tr nnUNetTrainerMime_cwfixed``: its experiments): a
@@ -56,6 +56,7 @@ class ClassBalancedMimeTrainer(ClassCountsFromSampler, nnUNetTrainer):
     # for every class, as in the paper's experiments
     class_weights = "annealed"
     anneal_window = (0.5, 1.0)
+    _applied_strength = None  # the power the mime weights were last set with
     include_background = True
     reduction = "mean"  # per-voxel mean keeps nnU-Net's learning rate and gradient clipping sensible
     _class_counts_key = "mime_class_counts"
@@ -100,8 +101,6 @@ class ClassBalancedMimeTrainer(ClassCountsFromSampler, nnUNetTrainer):
         if self.class_weights == "annealed" and self.class_counts is not None \
                 and self._balance_strength() != self._applied_strength:
             self._use_class_counts()
-
-    _applied_strength = None  # the power the mime weights were last set with
 
     def _use_class_counts(self):
         strength = self._applied_strength = self._balance_strength()
