@@ -200,17 +200,17 @@ def test_quality_plan_runs_every_trainer_budget_and_repeat(quality):
     assert quality.split_list(["nnUNetTrainer nnUNetTrainerMime_a1.9,1,0.5", "nnUNetTrainer"], separator=None) == \
         ["nnUNetTrainer", "nnUNetTrainerMime_a1.9,1,0.5"]
 
-    runs = quality.plan_runs(["synthetic2d", "synthetic3d"], ["nnUNetTrainer", "nnUNetTrainerMime_adam"],
+    runs = quality.plan_runs(["synthetic2d", "synthetic3d"], ["nnUNetTrainer", "nnUNetTrainerMime_sgd"],
                              [quality.Budget(20, 25), quality.Budget(5, 25)], repeats=2)
     assert len(runs) == 2 * 2 * 2 * 2 and len({run.key for run in runs}) == 16
     # the smaller budget first, repeat by repeat, every dataset and trainer in each block
     assert [run.key for run in runs[:5]] == [("synthetic2d", "nnUNetTrainer", "5x25", 0),
-                                             ("synthetic2d", "nnUNetTrainerMime_adam", "5x25", 0),
+                                             ("synthetic2d", "nnUNetTrainerMime_sgd", "5x25", 0),
                                              ("synthetic3d", "nnUNetTrainer", "5x25", 0),
-                                             ("synthetic3d", "nnUNetTrainerMime_adam", "5x25", 0),
+                                             ("synthetic3d", "nnUNetTrainerMime_sgd", "5x25", 0),
                                              ("synthetic2d", "nnUNetTrainer", "5x25", 1)]
-    assert runs[-1].key == ("synthetic3d", "nnUNetTrainerMime_adam", "20x25", 1)
-    assert runs[1].run_name == "nnUNetTrainerMime_adam_5ep_25it" and runs[-1].run_name.endswith("_20ep_25it")
+    assert runs[-1].key == ("synthetic3d", "nnUNetTrainerMime_sgd", "20x25", 1)
+    assert runs[1].run_name == "nnUNetTrainerMime_sgd_5ep_25it" and runs[-1].run_name.endswith("_20ep_25it")
 
     with pytest.raises(ValueError, match=r"expected EPOCHSxITERATIONS with both >= 1, such as 5x25, got '5x0'"):
         quality.parse_budget("5x0")

@@ -5,6 +5,8 @@ settings recorded where the issue asks (log, debug.json, checkpoint)."""
 from __future__ import annotations
 
 import inspect
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,9 +98,9 @@ def test_numbers_have_their_shortest_exact_spelling(value, spelling):
 # resolution and canonical names
 # ----------------------------------------------------------------------------------------------
 def test_a_name_splits_into_trainer_and_settings_in_canonical_order():
-    resolved = resolve("nnUNetTrainerMime_a1.5_b0.2_adam_lr3e-4_100ep_20it")
+    resolved = resolve("nnUNetTrainerMime_a1.5_b0.2_sgd_lr3e-4_100ep_20it")
     assert resolved.base is nnUNetTrainerMime
-    assert resolved.settings == {"a": 1.5, "b": 0.2, "optimizer": "adam", "lr": 3e-4, "epochs": 100,
+    assert resolved.settings == {"a": 1.5, "b": 0.2, "optimizer": "sgd", "lr": 3e-4, "epochs": 100,
                                  "iterations": 20}
     assert resolved.hyperparameters == {"a": 1.5, "b": 0.2}
     assert canonical_name("nnUNetTrainerMime", resolved.settings) == resolved.name
@@ -126,6 +128,8 @@ def test_another_spelling_of_the_same_experiment_is_refused_with_the_canonical_n
     ("nnUNetTrainerLeafDice_bg1", "include_background", "nnUNetTrainerLeafDice"),
     ("nnUNetTrainerDiceIEps_adam_3ep", "optimizer", "nnUNetTrainerDiceIEps_3ep"),  # its own optimizer is Adam
     ("nnUNetTrainerDiceIEps_lr0.001", "lr", "nnUNetTrainerDiceIEps"),
+    ("nnUNetTrainerMime_adam_3ep", "optimizer", "nnUNetTrainerMime_3ep"),  # the mimes train with Adam too
+    ("nnUNetTrainerNegativeMime_cwfixed_lr0.001", "lr", "nnUNetTrainerNegativeMime_cwfixed"),
     ("nnUNetTrainerMime_cwannealed", "class_weights", "nnUNetTrainerMime"),
 ])
 def test_a_token_that_repeats_the_trainers_own_value_is_refused(name, redundant, canonical):
@@ -160,8 +164,8 @@ def test_the_listing_shows_each_trainers_tokens_and_current_values():
     with pytest.raises(TrainerNameError) as raised:
         resolve("nnUNetTrainerMime_c2")
     listing = str(raised.value)
-    for line in ("a<v>", "(now 1.9)", "b<v>", "(now 0.1)", "bg0|bg1", "sum|mean", "sgd|adam|adamw", "(now sgd)",
-                 "lr<v>", "(now 0.01)", "<I>it", "(now 250)"):
+    for line in ("a<v>", "(now 1.9)", "b<v>", "(now 0.1)", "bg0|bg1", "sum|mean", "sgd|adam|adamw", "(now adam)",
+                 "lr<v>", "(now 1e-3)", "<I>it", "(now 250)"):
         assert line in listing
     assert "lam<v>" not in listing  # not a setting of the mime
 
@@ -190,7 +194,7 @@ def test_names_that_are_not_ours_are_attribute_errors(name):
 
 def test_trainer_names_keep_nnunet_output_folders_parseable():
     # nnU-Net splits "<trainer>__<plans>__<configuration>" on "__": no token and no name holds "__"
-    name = "nnUNetTrainerMime_a1.9,1,0.5_adam_lr3e-4_3ep_10it"
+    name = "nnUNetTrainerMime_a1.9,1,0.5_sgd_lr3e-4_3ep_10it"
     assert resolve(name).settings["a"] == (1.9, 1.0, 0.5)
     assert convert_identifier_to_trainer_plans_config(f"{name}__nnUNetPlans__2d") == [name, "nnUNetPlans", "2d"]
 
@@ -218,7 +222,7 @@ def test_the_built_class_keeps_nnunets_init_signature():
 @pytest.mark.parametrize("optimizer, variant", [("sgd", nnUNetTrainer), ("adam", nnUNetTrainerVanillaAdam),
                                                 ("adamw", nnUNetTrainerAdam)])
 def test_the_optimizer_is_nnunets_own_variant(optimizer, variant):
-    base = nnUNetTrainerVanillaAdam1en3 if optimizer == "sgd" else nnUNetTrainerMime  # sgd must change something
+    base = nnUNetTrainerVanillaAdam1en3 if optimizer == "sgd" else nnUNetTrainerCEL1  # the token must change something
     trainer = trainer_with_settings(base, optimizer=optimizer)
     assert trainer.configure_optimizers is variant.configure_optimizers
 
@@ -230,10 +234,13 @@ class _Network(torch.nn.Module):
 
 
 @pytest.mark.parametrize("name, optimizer_class, lr", [
-    ("nnUNetTrainerMime_adam", torch.optim.Adam, 1e-3),
+    ("nnUNetTrainerCEL1_adam", torch.optim.Adam, 1e-3),
     ("nnUNetTrainerMime_adamw_lr3e-4", torch.optim.AdamW, 3e-4),
-    ("nnUNetTrainerMime_lr3e-3", torch.optim.SGD, 3e-3),
-    ("nnUNetTrainerMime_3ep", torch.optim.SGD, 1e-2),
+    ("nnUNetTrainerCEL1_lr3e-3", torch.optim.SGD, 3e-3),
+    ("nnUNetTrainerCEL1_3ep", torch.optim.SGD, 1e-2),
+    ("nnUNetTrainerMime_3ep", torch.optim.Adam, 1e-3),  # the mimes' default: Adam (README, departures)
+    ("nnUNetTrainerNegativeMime_lr3e-4", torch.optim.Adam, 3e-4),
+    ("nnUNetTrainerMime_cwfixed_sgd", torch.optim.SGD, 1e-2),  # nnU-Net's SGD, one token away
     ("nnUNetTrainerDiceIEps_3ep", torch.optim.Adam, 1e-3),  # its paper's optimizer by default
     ("nnUNetTrainerDiceIEps_sgd", torch.optim.SGD, 1e-2),  # nnU-Net's, one token away
     ("nnUNetTrainerDiceIEps_sgd_lr3e-3", torch.optim.SGD, 3e-3),
@@ -252,16 +259,21 @@ def test_the_built_trainer_has_the_named_optimizer_and_learning_rate(planned, mo
     assert trainer.name_settings["settings"]["lr"] == lr
 
 
-def test_a_trainers_own_optimizer_without_a_name(planned, monkeypatch):
+@pytest.mark.parametrize("trainer_class", [nnUNetTrainerDiceIEps, nnUNetTrainerMime, nnUNetTrainerNegativeMime])
+def test_a_trainers_own_optimizer_without_a_name(planned, monkeypatch, trainer_class):
     planned.use(monkeypatch)
-    trainer = instantiate(nnUNetTrainerDiceIEps, planned)
+    trainer = instantiate(trainer_class, planned)
     assert trainer.initial_lr == 1e-3
     trainer.network = _Network()
     optimizer, _ = trainer.configure_optimizers()
     assert type(optimizer) is torch.optim.Adam and optimizer.param_groups[0]["lr"] == 1e-3
     assert (trainer.num_epochs, trainer.num_iterations_per_epoch) == (1000, 250)  # nnU-Net's budget is kept
-    sgd = trainer_with_settings(nnUNetTrainerDiceIEps, optimizer="sgd", epochs=3)
+    sgd = trainer_with_settings(trainer_class, optimizer="sgd", epochs=3)
     assert sgd.optimizer_name == "sgd" and sgd.name_settings["settings"]["lr"] == 0.01
+
+
+def test_a_trainer_with_an_unknown_optimizer_is_refused(planned, monkeypatch):
+    planned.use(monkeypatch)
 
     class Odd(nnUNetTrainerDiceIEps):
         optimizer_name = "rmsprop"
@@ -280,6 +292,32 @@ def test_epochs_and_iterations_set_the_budget(planned, monkeypatch):
         "trainer": "nnUNetTrainerDiceI_3ep_10it", "base": "nnUNetTrainerDiceI",
         "settings": {"epsilon": 1e-7, "include_background": False, "optimizer": "sgd", "lr": 0.01, "epochs": 3,
                      "iterations": 10}}
+
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+# what the documentation tells people to type: every `-tr <name>` of the docs, examples and docstrings
+DOCUMENTED_FILES = ("README.md", "docs/*.md", "benchmarks/README.md", "examples/**/*.py", "trainers/*.py",
+                    "nnunet_losses/**/*.py")
+README_OWN_SUBCLASS = "nnUNetTrainerMimeA15"  # the README's example of a trainer in a folder of your own
+
+
+def documented_trainer_names() -> set:
+    names = set()
+    for pattern in DOCUMENTED_FILES:
+        for path in REPOSITORY.glob(pattern):
+            names.update(m.rstrip(".,") for m in re.findall(r"-tr `?(nnUNetTrainer[\w.,-]*)", path.read_text()))
+    return names - {README_OWN_SUBCLASS}
+
+
+def test_every_documented_trainer_name_is_one_nnunet_finds(clean_ext_trainer):
+    # a default that changes (the mimes' optimizer) turns a documented name redundant: it must not linger
+    from nnunet_losses.training.discovery import enable_trainers
+    from nnunet_losses.training.names import find_trainer
+
+    enable_trainers()
+    names = documented_trainer_names()
+    assert {"nnUNetTrainerMime", "nnUNetTrainerMime_sgd", "nnUNetTrainerDiceIEps_sgd"} <= names
+    assert [name for name in sorted(names) if find_trainer(name) is None] == []
 
 
 def test_names_of_nnunets_own_trainers_resolve_through_nnunets_lookup(clean_ext_trainer):
@@ -321,7 +359,7 @@ def test_trainers_lists_every_trainer_with_its_tokens_and_values():
     sections = result.stdout.split("\n\n")
     assert [s.splitlines()[0] for s in sections[1:]] == list(TRAINER_NAMES)
     mime = sections[1 + TRAINER_NAMES.index("nnUNetTrainerMime")]
-    assert "a<v>" in mime and "(now 1.9)" in mime and "lam<v>" not in mime
+    assert "a<v>" in mime and "(now 1.9)" in mime and "(now adam)" in mime and "lam<v>" not in mime
     cel1 = sections[1 + TRAINER_NAMES.index("nnUNetTrainerCEL1")]
     assert "lam<v>" in cel1 and "(now 1)" in cel1 and "tau<v>" in cel1 and "(now 10)" in cel1
 

@@ -8,12 +8,13 @@ By default the weights start balanced between classes from the dataset's class d
 with 1/size; over the second half of training the factors are annealed to 1 (``k_c`` to a power
 falling linearly from 1 to 0; the last epoch trains at power ``2/epochs``, near the paper's weights):
 ``class_weights = "annealed"``.
-Why both, measured (benchmarks/README.md, training quality):
+Why both, measured with nnU-Net's SGD (benchmarks/README.md, training quality):
 
-- the paper's weights throughout (``"fixed"``, ``-tr nnUNetTrainerMime_cwfixed``: its experiments): a
+- the paper's weights throughout (``"fixed"``, ``-tr nnUNetTrainerMime_cwfixed_sgd``: its experiments): a
   linear loss under nnU-Net's SGD settles on the background; a structure of 1-2 % of the image gets
-  about 1/30 of CE's push and is never predicted;
-- balanced throughout (``"balanced"``, ``-tr nnUNetTrainerMime_cwbalanced``): the small structures are
+  about 1/30 of CE's push and is never predicted (with Adam, ``_cwfixed``, the mime lost the lesion in 2
+  of 2 runs at 20 x 25 too);
+- balanced throughout (``"balanced"``, ``-tr nnUNetTrainerMime_cwbalanced_sgd``): the small structures are
   learned, but over-segmented, because the voxel's choice is then ``p_c (a_c + b_d) > p_d (b_c + a_d)``,
   not ``p_c > p_d``: a small class wins from a few per cent probability (lesion at 1.2x its volume).
   ``a = b`` would keep the choice unbiased, but a class of share f then starts with a net push down
@@ -24,6 +25,13 @@ Why both, measured (benchmarks/README.md, training quality):
 
 A linear loss with fixed weights cannot have both; Dice can, because its push ``2I/U²`` grows with
 the overlap.
+
+Trained with Adam (nnU-Net's ``nnUNetTrainerVanillaAdam1en3``, lr 1e-3), one of the paper's two
+optimizers: under nnU-Net's SGD (``-tr nnUNetTrainerMime_sgd``) a small structure whose probability
+collapses in the first iterations takes the loss's gradient with it (it is proportional to that
+probability) and is never predicted (the 3D lesion in 1 of 2 runs of each mime); with Adam both mimes
+found it in every run at 20 x 25, 12 of 12 (benchmarks/README.md, *Why the mimes find the small lesion
+in some runs only*).
 
 nnU-Net imports this module under its bare name from the folder in ``nnUNet_extTrainer``: only
 absolute imports work here.
@@ -36,6 +44,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_losses import MimeLoss, NegativeMimeLoss
 from nnunet_losses.training.class_counts import ClassCountsFromSampler, balanced_class_scales
+from nnunet_losses.training.names import OwnOptimizer
 from nnunet_losses.training.loss_assembly import (
     assemble_loss,
     loss_target_options,
@@ -46,10 +55,12 @@ from nnunet_losses.training.loss_assembly import (
 CLASS_WEIGHTS = ("balanced", "annealed", "fixed")
 
 
-class ClassBalancedMimeTrainer(ClassCountsFromSampler, nnUNetTrainer):
+class ClassBalancedMimeTrainer(ClassCountsFromSampler, OwnOptimizer, nnUNetTrainer):
     """What the mime trainers share: one mime per output scale, its ``a``/``b`` multiplied per class by
     the balanced factors of that scale's class counts, to a power annealed from 1 to 0 over the second
-    half of training (``class_weights = "annealed"``)."""
+    half of training (``class_weights = "annealed"``); Adam at lr 1e-3 (``optimizer_name``)."""
+
+    optimizer_name = "adam"
 
     # "annealed": balanced until anneal_window[0] of the epochs, then the factors k_c to a power falling
     # linearly to 0 (the fixed weights) at anneal_window[1]; "balanced" throughout; "fixed": the same a, b

@@ -16,7 +16,7 @@ from nnunet_losses.training.names import find_trainer, trainer_from_name
 
 def __getattr__(name: str) -> type:
     # our own trainers as users import them (nnU-Net's lookup would import a second copy of their module
-    # under its bare name), so that nnUNetTrainerMime_adam subclasses nnunet_losses.trainers.nnUNetTrainerMime
+    # under its bare name), so that nnUNetTrainerMime_sgd subclasses nnunet_losses.trainers.nnUNetTrainerMime
     ours = nnunet_losses.trainers
     return trainer_from_name(name, find=lambda base: getattr(ours, base) if base in ours.TRAINER_NAMES
                              else find_trainer(base), known=ours.TRAINER_NAMES + ("nnUNetTrainer",))
