@@ -44,9 +44,10 @@ ROW_MEANINGS = {
     "nnUNetTrainerMime": "the mime as this trainer trains it by default: per-class weights from the class counts "
                          "(Kervadec §2.3), annealed to the paper's over the second half, and Adam (the paper's "
                          "other optimizer; with nnU-Net's SGD, -tr nnUNetTrainerMime_sgd, the small lesion is "
-                         "lost in some runs: 1 of 4 on this dataset, in 3D, at shorter budgets): the small structures are learned while the weights favour them, "
-                         "and the annealing brings back the paper's unbiased choice; near the reference in 5 of 6 "
-                         "runs, in the sixth the organ ended over most of the image (benchmarks/README.md)",
+                         "lost in some runs: 1 of 4 on this dataset, in 3D, at shorter budgets): the small "
+                         "structures are learned while the weights favour them, and the annealing brings back "
+                         "the paper's unbiased choice; near the reference in 5 of 6 runs, in the sixth the organ "
+                         "ended over most of the image (benchmarks/README.md)",
     "nnUNetTrainerDiceICE": "the paper's image-wise Dice (Tilborghs, Phi = I) + nnU-Net's CE: nnU-Net's own "
                             "recipe with the paper's Dice term, within the reference's run-to-run spread (Dice "
                             "alone would lose the lesion: benchmarks/README.md)",

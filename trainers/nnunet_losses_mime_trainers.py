@@ -31,7 +31,9 @@ optimizers: under nnU-Net's SGD (``-tr nnUNetTrainerMime_sgd``) a small structur
 collapses in the first iterations takes the loss's gradient with it (it is proportional to that
 probability) and is never predicted (the 3D lesion in 1 of 2 runs of each mime); with Adam both mimes
 found it in every run at 20 x 25, 12 of 12 (benchmarks/README.md, *Why the mimes find the small lesion
-in some runs only*).
+in some runs only*). What Adam costs the mime, not the negative mime: in some runs the organ's
+pseudo-Dice stays low while the weights are balanced, and in 1 of 6 runs on the quickstart's dataset
+the organ ended over most of the image (Dice 0.228); the cause is not measured yet.
 
 nnU-Net imports this module under its bare name from the folder in ``nnUNet_extTrainer``: only
 absolute imports work here.
