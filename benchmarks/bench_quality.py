@@ -827,6 +827,10 @@ def plot_curves(results: dict, path: Path) -> Path:
     for family in families:
         ours = [t for t in trainers if plot_family(t) == family]
         colours.update({t: palette[len(REFERENCES) + i % (len(palette) - len(REFERENCES))] for i, t in enumerate(ours)})
+    # any other trainer (nnU-Net's other variants, a scratch subclass) is drawn in every panel: the palette's
+    # last colours, apart from each panel's first
+    others = [t for t in trainers if t not in REFERENCES and plot_family(t) is None]
+    colours.update({t: palette[-1 - i % (len(palette) - len(REFERENCES))] for i, t in enumerate(others)})
     for row, (dataset, budget, by_trainer) in enumerate(rows):
         for column, family in enumerate(families):
             axis = axes[row][column]

@@ -353,6 +353,13 @@ def test_quality_summary_table_by_hand(quality, tmp_path):
     assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="expected finished runs in .*, got none"):
         quality.main(["--summarize", "--results", str(tmp_path / "none.json")])
+    # a trainer of neither family (a scratch subclass on nnUNet_extTrainer) is drawn in every panel, in a colour
+    # of its own: it once stopped the summary with a KeyError
+    scratch = dict(records[0], trainer="nnUNetTrainerMimeXramp")
+    quality.write_json(dict(results, runs=results["runs"] + [scratch]), path)
+    assert quality.plot_family("nnUNetTrainerMimeXramp") is None
+    assert "| nnUNetTrainerMimeXramp | 1 |" in quality.write_summary(path)
+    assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _nnunet_summary(cases):
