@@ -42,12 +42,12 @@ ROW_MEANINGS = {
                                      "nnU-Net's SGD: linear in the probabilities, it settles on the background and "
                                      "predicts the small lesion nowhere (in some runs the thin vessel neither)",
     "nnUNetTrainerMime": "the mime as this trainer trains it by default: per-class weights from the class counts "
-                         "(Kervadec §2.3), annealed to the paper's over the second half, and Adam (the paper's "
-                         "other optimizer; with nnU-Net's SGD, -tr nnUNetTrainerMime_sgd, the small lesion is "
-                         "lost in some runs: 1 of 4 on this dataset, in 3D, at shorter budgets): the small "
-                         "structures are learned while the weights favour them, and the annealing brings back "
-                         "the paper's unbiased choice; near the reference in 5 of 6 runs, in the sixth the organ "
-                         "ended over most of the image (benchmarks/README.md)",
+                         "(Kervadec §2.3), b's ramped in over the first quarter, both annealed to the paper's over "
+                         "the second half, and Adam (the paper's other optimizer; with nnU-Net's SGD, -tr "
+                         "nnUNetTrainerMime_sgd, the small lesion is lost in some runs, in 3D): "
+                         "the small structures are learned while the weights favour them, and the annealing brings "
+                         "back the paper's unbiased choice; near the reference in every run so far (3 of 3 on this "
+                         "dataset, 9 of 9 with the benchmark's: benchmarks/README.md)",
     "nnUNetTrainerDiceICE": "the paper's image-wise Dice (Tilborghs, Phi = I) + nnU-Net's CE: nnU-Net's own "
                             "recipe with the paper's Dice term, within the reference's run-to-run spread (Dice "
                             "alone would lose the lesion: benchmarks/README.md)",

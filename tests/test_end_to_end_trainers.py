@@ -113,7 +113,7 @@ def test_softmax_trainer_trains_predicts_and_exports(nnunet, tmp_path):
     assert "train_loss" in log and "Epoch 1" not in log  # one epoch
     # the settings the name stands for, in the checkpoint, debug.json and the log; the loss and optimizer used them
     settings = {"a": 1.5, "b": 0.2, "include_background": True, "reduction": "mean", "class_weights": "annealed",
-                "count_batches": 50, "optimizer": "adam", "lr": 0.001, "epochs": 1, "iterations": 2}
+                "b_ramp": 0.25, "count_batches": 50, "optimizer": "adam", "lr": 0.001, "epochs": 1, "iterations": 2}
     assert checkpoint["name_settings"] == {"trainer": trainer, "base": "nnUNetTrainerMime", "settings": settings}
     debug = json.loads((folder / "debug.json").read_text())
     assert "'lr': 0.001" in debug["name_settings"] and "MimeLoss(a=1.5, b=0.2," in debug["loss"]
@@ -122,8 +122,8 @@ def test_softmax_trainer_trains_predicts_and_exports(nnunet, tmp_path):
     # the class-balanced weights: counted from the training batches, stored, a / b = 1.5 / 0.2 per class
     counts = np.array(checkpoint["mime_class_counts"])
     assert counts.shape == (4, 4) and counts[0].sum() == pytest.approx(64 * 64)
-    assert "Class-balanced mime weights (annealed: the balancing factors to the power 1), per deep-supervision " \
-           "scale (rows) and class (columns)" in log
+    assert "Class-balanced mime weights (annealed: the balancing factors of a to the power 1, of b to the power 0), " \
+           "per deep-supervision scale (rows) and class (columns)" in log
 
     output = tmp_path / "predicted"
     nnunet.run("nnUNetv2_predict", "-i", str(nnunet.labels.images_test), "-o", str(output), "-d", str(LABELS_ID),

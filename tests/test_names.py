@@ -131,6 +131,7 @@ def test_another_spelling_of_the_same_experiment_is_refused_with_the_canonical_n
     ("nnUNetTrainerMime_adam_3ep", "optimizer", "nnUNetTrainerMime_3ep"),  # the mimes train with Adam too
     ("nnUNetTrainerNegativeMime_cwfixed_lr0.001", "lr", "nnUNetTrainerNegativeMime_cwfixed"),
     ("nnUNetTrainerMime_cwannealed", "class_weights", "nnUNetTrainerMime"),
+    ("nnUNetTrainerMime_bramp0.25_sgd", "b_ramp", "nnUNetTrainerMime_sgd"),
 ])
 def test_a_token_that_repeats_the_trainers_own_value_is_refused(name, redundant, canonical):
     with pytest.raises(TrainerNameError, match=rf"{redundant} is \w+'s own value already: the name of this "
@@ -144,6 +145,7 @@ def test_a_token_that_repeats_the_trainers_own_value_is_refused(name, redundant,
     ("nnUNetTrainerDiceI_a1.5", "token 'a1.5': nnUNetTrainerDiceI has no setting 'a'"),
     ("nnUNetTrainerDiceIEps_eps1e-5", "token 'eps1e-5': nnUNetTrainerDiceIEps has no setting 'epsilon'"),
     ("nnUNetTrainer_bg0", "token 'bg0': nnUNetTrainer has no setting 'include_background'"),
+    ("nnUNetTrainerNegativeMime_bramp0", "token 'bramp0': nnUNetTrainerNegativeMime has no setting 'b_ramp'"),
     ("nnUNetTrainerMime_0ep_10it", "token '0ep': expected epochs >= 1, got 0"),
     ("nnUNetTrainerMime_3ep_0it", "token '0it': expected iterations >= 1, got 0"),
     ("nnUNetTrainer_lr0", "token 'lr0': expected lr > 0, got 0.0"),
@@ -165,7 +167,7 @@ def test_the_listing_shows_each_trainers_tokens_and_current_values():
         resolve("nnUNetTrainerMime_c2")
     listing = str(raised.value)
     for line in ("a<v>", "(now 1.9)", "b<v>", "(now 0.1)", "bg0|bg1", "sum|mean", "sgd|adam|adamw", "(now adam)",
-                 "lr<v>", "(now 1e-3)", "<I>it", "(now 250)"):
+                 "lr<v>", "(now 1e-3)", "<I>it", "(now 250)", "bramp<v>", "(now 0.25)"):
         assert line in listing
     assert "lam<v>" not in listing  # not a setting of the mime
 

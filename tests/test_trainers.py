@@ -568,17 +568,22 @@ BALANCED_A = [[1.9 * k for k in (0.46875, 0.9375, 3.75, 1.875)], [1.9] * 4]
 BALANCED_B = [[0.1 * k for k in (0.46875, 0.9375, 3.75, 1.875)], [0.1] * 4]
 
 
-def test_mime_trainer_balances_its_weights_from_its_training_dataloader(planned, monkeypatch, tmp_path):
-    trainer = started_on_label_batches(planned, monkeypatch, tmp_path, nnUNetTrainerMime)
+@pytest.mark.parametrize("trainer_class, expected_b, powers", [
+    (nnUNetTrainerMime, [[0.1] * 4] * 2, "of a to the power 1, of b to the power 0"),  # epoch 0: b not yet balanced
+    (trainer_with_settings(nnUNetTrainerMime, b_ramp=0.0), BALANCED_B, "to the power 1"),
+])
+def test_mime_trainer_balances_its_weights_from_its_training_dataloader(planned, monkeypatch, tmp_path,
+                                                                       trainer_class, expected_b, powers):
+    trainer = started_on_label_batches(planned, monkeypatch, tmp_path, trainer_class)
     assert [c.tolist() for c in trainer.class_counts] == EXPECTED_LABEL_EPSILON
-    for name, expected in (("a", BALANCED_A), ("b", BALANCED_B)):
+    for name, expected in (("a", BALANCED_A), ("b", expected_b)):
         per_scale = torch.stack([getattr(loss, name) for loss in trainer.mime_losses])
         torch.testing.assert_close(per_scale, torch.tensor(expected, dtype=torch.float64))
     assert "Estimating the class counts for the mime weights from 2 training batches" in log_text(trainer)
-    assert "Class-balanced mime weights (annealed: the balancing factors to the power 1), per deep-supervision " \
+    assert f"Class-balanced mime weights (annealed: the balancing factors {powers}), per deep-supervision " \
            "scale (rows) and class (columns): a = " in log_text(trainer)
     outputs, targets = scale_batches("labels", seed=3, size=4, scales=2)
-    expected = mime_loss(outputs[0], targets[0], a=BALANCED_A[0], b=BALANCED_B[0])
+    expected = mime_loss(outputs[0], targets[0], a=BALANCED_A[0], b=expected_b[0])
     torch.testing.assert_close(trainer.loss(outputs, targets), expected)
 
 
@@ -625,7 +630,8 @@ def test_mime_checkpoint_round_trip_reuses_the_stored_counts(planned, tmp_path, 
 
 
 def test_annealed_mime_weights_go_from_balanced_to_the_papers_in_the_second_half(planned, tmp_path, monkeypatch):
-    # 20 epochs, anneal_window (0.5, 1): the factors k_c (power 1) to epoch 10, then to the power (20 - epoch) / 10
+    # 20 epochs, anneal_window (0.5, 1): the factors k_c (power 1) to epoch 10, then to the power (20 - epoch) / 10;
+    # b's factors ramp in first, b_ramp 0.25: to the power epoch / 5 until epoch 5
     annealed = nnUNetTrainerMime  # the default; _cwbalanced keeps the factors throughout
     trainer = own_log(build_trainer(annealed, planned), tmp_path)
     trainer.num_epochs = 20
@@ -634,12 +640,15 @@ def test_annealed_mime_weights_go_from_balanced_to_the_papers_in_the_second_half
     started = []  # nnU-Net's own epoch start (learning rate, train mode, "Epoch N") still runs
     monkeypatch.setattr(nnUNetTrainer, "on_train_epoch_start", lambda self: started.append(self.current_epoch))
     k = (0.46875, 0.9375, 3.75, 1.875)
-    for epoch, power in ((0, 1.0), (10, 1.0), (15, 0.5), (19, 0.1)):
+    for epoch, power, b_power in ((0, 1.0, 0.0), (2, 1.0, 0.4), (5, 1.0, 1.0), (10, 1.0, 1.0), (15, 0.5, 0.5),
+                                  (19, 0.1, 0.1)):
         trainer.current_epoch = epoch
         trainer.on_train_epoch_start()
         assert trainer.mime_losses[0].a.tolist() == pytest.approx([1.9 * kc ** power for kc in k])
-        assert trainer.mime_losses[3].b.tolist() == pytest.approx([0.1 * kc ** power for kc in k])
-    assert started == [0, 10, 15, 19]
+        assert trainer.mime_losses[3].b.tolist() == pytest.approx([0.1 * kc ** b_power for kc in k])
+    assert started == [0, 2, 5, 10, 15, 19]
+    assert "Class-balanced mime weights (annealed: the balancing factors of a to the power 1, of b to the power " \
+           "0.4), per" in log_text(trainer)
     # the loss the network is trained with uses them: the mime of epoch 19's weights at every scale
     outputs, targets = scale_batches("labels", seed=3, scales=4)
     a19, b19 = [1.9 * kc ** 0.1 for kc in k], [0.1 * kc ** 0.1 for kc in k]
@@ -686,6 +695,13 @@ def test_balanced_mime_weights_stay_balanced_and_a_bad_anneal_window_stops_at_st
     with pytest.raises(ValueError, match=r"Backwards.anneal_window: expected fractions of the epochs 0 <= start < "
                                          r"end, got \(0.8, 0.5\)"):
         build_trainer(Backwards, planned)._build_loss()
+
+    class LateRamp(nnUNetTrainerMime):
+        b_ramp = 1.5
+
+    with pytest.raises(ValueError, match=r"LateRamp.b_ramp: expected a fraction of the epochs 0 <= b_ramp < 1, "
+                                         r"got 1.5"):
+        build_trainer(LateRamp, planned)._build_loss()
 
 
 def test_fixed_mime_weights_estimate_nothing_and_store_nothing(planned, tmp_path, monkeypatch):

@@ -6,8 +6,10 @@ By default the weights start balanced between classes from the dataset's class d
 ``k_c`` inversely proportional to its mean voxel count in the trainer's own training patches
 (:func:`~nnunet_losses.training.class_counts.balanced_class_scales`), as the Dice gradient scales
 with 1/size; over the second half of training the factors are annealed to 1 (``k_c`` to a power
-falling linearly from 1 to 0; the last epoch trains at power ``2/epochs``, near the paper's weights):
-``class_weights = "annealed"``.
+falling linearly from 1 to 0; the last epoch trains at power ``2/epochs``, near the paper's weights),
+and the mime's ``b`` factors are ramped in over the first quarter (power rising from 0 to 1: the paper's
+``b`` for every class at the first epoch; the negative mime's ``b`` is 0): ``class_weights = "annealed"``,
+``b_ramp = 0.25``.
 Why both, measured with nnU-Net's SGD (benchmarks/README.md, training quality):
 
 - the paper's weights throughout (``"fixed"``, ``-tr nnUNetTrainerMime_cwfixed_sgd``: its experiments): a
@@ -31,9 +33,15 @@ optimizers: under nnU-Net's SGD (``-tr nnUNetTrainerMime_sgd``) a small structur
 collapses in the first iterations takes the loss's gradient with it (it is proportional to that
 probability) and is never predicted (the 3D lesion in 1 of 2 runs of each mime); with Adam both mimes
 found it in every run at 20 x 25, 12 of 12 (benchmarks/README.md, *Why the mimes find the small lesion
-in some runs only*). What Adam costs the mime, not the negative mime: in some runs the organ's
-pseudo-Dice stays low while the weights are balanced, and in 1 of 6 runs on the quickstart's dataset
-the organ ended over most of the image (Dice 0.228); the cause is not measured yet.
+in some runs only*).
+
+Why ``b`` is ramped in (``-tr nnUNetTrainerMime_bramp0`` balances it from the first epoch): at the
+near-uniform softmax of a fresh network the small classes' large balanced ``b`` lift ``Σ_k w_k s_k``
+above the organ's own ``b``, so at background voxels the mime raised the organ's logit; with Adam and
+``b`` balanced from the start, the organ's validation pseudo-Dice sat at 0.08-0.45 in the first epochs
+in 5 of 12 runs, and in 1 of 6 runs on the quickstart's dataset the organ ended over most of the image
+(Dice 0.228). With ``b`` ramped in no run lost the organ (benchmarks/README.md, *A mime without the
+start-up push*).
 
 nnU-Net imports this module under its bare name from the folder in ``nnUNet_extTrainer``: only
 absolute imports work here.
@@ -109,46 +117,73 @@ class ClassBalancedMimeTrainer(ClassCountsFromSampler, OwnOptimizer, nnUNetTrain
         start, end = (fraction * self.num_epochs for fraction in self.anneal_window)
         return min(1.0, max(0.0, (end - self.current_epoch) / (end - start)))
 
+    def _balance_strengths(self) -> tuple:
+        """The exponents of ``a``'s and ``b``'s balancing factors in this epoch (here both
+        :meth:`_balance_strength`)."""
+        strength = self._balance_strength()
+        return strength, strength
+
     def on_train_epoch_start(self):
         super().on_train_epoch_start()  # first: the weights' log line belongs to this epoch's block
         if self.class_weights == "annealed" and self.class_counts is not None \
-                and self._balance_strength() != self._applied_strength:
+                and self._balance_strengths() != self._applied_strength:
             self._use_class_counts()
 
     def _use_class_counts(self):
-        strength = self._applied_strength = self._balance_strength()
-        weights = [self._balanced_weights(counts, strength) for counts in self.class_counts]
+        strengths = self._applied_strength = self._balance_strengths()
+        weights = [self._balanced_weights(counts, strengths) for counts in self.class_counts]
         for loss, (a, b) in zip(self.mime_losses, weights):
             loss.a, loss.b = a, b
-        annealed = f" (annealed: the balancing factors to the power {strength:g})" if self.class_weights == "annealed" \
-            else ""
+        a_power, b_power = strengths
+        powers = f"to the power {a_power:g}" if a_power == b_power else \
+            f"of a to the power {a_power:g}, of b to the power {b_power:g}"
+        annealed = f" (annealed: the balancing factors {powers})" if self.class_weights == "annealed" else ""
         self.print_to_log_file(f"Class-balanced mime weights{annealed}, per deep-supervision scale (rows) and class "
                                "(columns): "
                                f"a = {json.dumps([a.tolist() for a, _ in weights])}, "
                                f"b = {json.dumps([b.tolist() for _, b in weights])}")
 
-    def _balanced_weights(self, counts: torch.Tensor, strength: float = 1.0) -> tuple:
-        scales = balanced_class_scales(counts) ** strength
+    def _balanced_weights(self, counts: torch.Tensor, strengths: tuple = (1.0, 1.0)) -> tuple:
+        """``(a, b)`` times the balancing factors of ``counts`` to the powers ``strengths``."""
+        factors = balanced_class_scales(counts)
         balanced = []
-        for name, value in zip("ab", self._weights()):
+        for name, value, strength in zip("ab", self._weights(), strengths):
             value = torch.as_tensor(value, dtype=torch.float64)
-            if value.ndim == 1 and value.numel() != scales.numel():
+            if value.ndim == 1 and value.numel() != factors.numel():
                 raise ValueError(f"{type(self).__name__}.{name}: expected a number or one value per output "
-                                 f"channel ({scales.numel()}), got {value.tolist()}")
-            balanced.append(value * scales)
+                                 f"channel ({factors.numel()}), got {value.tolist()}")
+            balanced.append(value * factors ** strength)
         return tuple(balanced)
 
 
 class nnUNetTrainerMime(ClassBalancedMimeTrainer):
     """Mime loss ``Σ w·s / N``, ``w = -a·y + b·(1-y)`` (paper eq. 9; ``a=1.9, b=0.1`` is its
-    ``ω = -2y + 0.1``), class-balanced then annealed to these weights by default. ``a``/``b`` may be
-    per-class sequences. Labels (softmax) and regions (sigmoid)."""
+    ``ω = -2y + 0.1``), class-balanced then annealed to these weights by default, ``b``'s balancing
+    ramped in over the first ``b_ramp`` of the epochs. ``a``/``b`` may be per-class sequences. Labels
+    (softmax) and regions (sigmoid)."""
 
     a = 1.9
     b = 0.1
+    # when annealed, b's balancing factors rise from power 0 (the paper's b for every class) over the first
+    # b_ramp of the epochs (0: balanced from the start): at the near-uniform softmax of the start the small
+    # classes' large balanced b lift Σ_k w_k s_k above the large class's own b, so the mime raised the organ's
+    # logit at background voxels, and under Adam the organ took the background in some runs
+    b_ramp = 0.25
 
     def _weights(self) -> tuple:
         return self.a, self.b
+
+    def _build_loss(self):
+        if not 0 <= self.b_ramp < 1:
+            raise ValueError(f"{type(self).__name__}.b_ramp: expected a fraction of the epochs 0 <= b_ramp < 1, "
+                             f"got {self.b_ramp}")
+        return super()._build_loss()
+
+    def _balance_strengths(self) -> tuple:
+        a_power, b_power = super()._balance_strengths()
+        if self.class_weights == "annealed" and self.b_ramp > 0:
+            b_power = min(b_power, self.current_epoch / (self.b_ramp * self.num_epochs))
+        return a_power, b_power
 
     def _mime_loss(self, balanced: bool) -> MimeLoss:
         return MimeLoss(a=self.a, b=self.b, include_background=self.include_background, reduction=self.reduction,

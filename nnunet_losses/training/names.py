@@ -18,6 +18,10 @@ token               sets                        trainers
 ``cwannealed``      class, balanced by the
                     class counts, or balanced
                     then annealed to fixed
+``bramp0``          ``b_ramp``: epochs (as a    Mime
+                    fraction) over which the
+                    annealed mime's b
+                    balancing factors ramp in
 ``countbatches20``  ``count_batches``           DiceIEps, Mime, NegativeMime
 ``lam0.5``          ``lam``                     CEL1, CEKL
 ``tau5``            ``tau``                     CEL1, CEKL
@@ -124,6 +128,8 @@ TOKENS = (
     _word_token("reduction", ("sum", "mean"), "reduction", "mime: paper's sum or per-voxel mean"),
     Token("class_weights", r"cw(?P<value>balanced|annealed|fixed)", str, lambda v: f"cw{v}", "class_weights",
           "mime weights: balanced by the class counts, annealed from balanced to fixed, or the same for every class (the paper's)"),
+    _number_token("b_ramp", "bramp", "b_ramp", "annealed mime: fraction of the epochs over which b's balancing factors "
+                                               "ramp in (0: balanced from the start)"),
     Token("count_batches", r"countbatches(?P<value>\d+)", int, lambda v: f"countbatches{v}", "count_batches",
           "batches the class counts (heuristic epsilon, balanced mime weights) are estimated from"),
     _number_token("lam", "lam", "lam", "weight of the label-marginal penalty"),
