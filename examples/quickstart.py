@@ -46,8 +46,8 @@ ROW_MEANINGS = {
                          "the second half, and Adam (the paper's other optimizer; with nnU-Net's SGD, -tr "
                          "nnUNetTrainerMime_sgd, the small lesion is lost in some runs, in 3D): "
                          "the small structures are learned while the weights favour them, and the annealing brings "
-                         "back the paper's unbiased choice; near the reference in every run so far (3 of 3 on this "
-                         "dataset, 9 of 9 with the benchmark's: benchmarks/README.md)",
+                         "back the paper's unbiased choice; near the reference in every run so far, on this dataset "
+                         "and the benchmark's (benchmarks/README.md)",
     "nnUNetTrainerDiceICE": "the paper's image-wise Dice (Tilborghs, Phi = I) + nnU-Net's CE: nnU-Net's own "
                             "recipe with the paper's Dice term, within the reference's run-to-run spread (Dice "
                             "alone would lose the lesion: benchmarks/README.md)",
