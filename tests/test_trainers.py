@@ -661,7 +661,7 @@ def test_annealed_mime_weights_go_from_balanced_to_the_papers_in_the_second_half
     trainer.current_epoch = 20  # past the window (a longer run resumed with fewer epochs): the paper's weights
     trainer.on_train_epoch_start()
     assert trainer.mime_losses[0].a.tolist() == pytest.approx([1.9] * 4)
-    assert "Class-balanced mime weights (annealed: the balancing factors to the power 0.5), per" in log_text(trainer)
+    assert "Class-balanced mime weights (annealed: the balancing factors to the power 0), per" in log_text(trainer)
 
     # --c after epoch 15: the stored counts and nnU-Net's restored epoch give the next epoch's weights at once
     first = build_trainer(annealed, planned)
@@ -675,6 +675,19 @@ def test_annealed_mime_weights_go_from_balanced_to_the_papers_in_the_second_half
     resumed.load_checkpoint(checkpoint)
     assert resumed.current_epoch == 16  # nnU-Net stores the next epoch to run
     assert resumed.mime_losses[0].a.tolist() == pytest.approx([1.9 * kc ** 0.4 for kc in k])
+    # --c inside b's ramp (after epoch 1: the next is 2, b's factors to the power 2 / 5)
+    first.current_epoch = 1
+    first.save_checkpoint(checkpoint)
+    resumed = own_log(build_trainer(annealed, planned), tmp_path)
+    resumed.num_epochs = 20
+    resumed.load_checkpoint(checkpoint)
+    assert resumed.current_epoch == 2
+    assert resumed.mime_losses[0].a.tolist() == pytest.approx([1.9 * kc for kc in k])
+    assert resumed.mime_losses[0].b.tolist() == pytest.approx([0.1 * kc ** 0.4 for kc in k])
+    # a subclass written before b_ramp passes one power for both
+    a_half, b_half = resumed._balanced_weights(trainer.class_counts[0], 0.5)
+    assert a_half.tolist() == pytest.approx([1.9 * kc ** 0.5 for kc in k])
+    assert b_half.tolist() == pytest.approx([0.1 * kc ** 0.5 for kc in k])
 
 
 def test_balanced_mime_weights_stay_balanced_and_a_bad_anneal_window_stops_at_start_up(planned, monkeypatch):

@@ -77,7 +77,7 @@ class ClassBalancedMimeTrainer(ClassCountsFromSampler, OwnOptimizer, nnUNetTrain
     # for every class, as in the paper's experiments
     class_weights = "annealed"
     anneal_window = (0.5, 1.0)
-    _applied_strength = None  # the power the mime weights were last set with
+    _applied_strength = None  # the powers (of a's factors, of b's) the mime weights were last set with
     include_background = True
     reduction = "mean"  # per-voxel mean keeps nnU-Net's learning rate and gradient clipping sensible
     _class_counts_key = "mime_class_counts"
@@ -144,7 +144,10 @@ class ClassBalancedMimeTrainer(ClassCountsFromSampler, OwnOptimizer, nnUNetTrain
                                f"b = {json.dumps([b.tolist() for _, b in weights])}")
 
     def _balanced_weights(self, counts: torch.Tensor, strengths: tuple = (1.0, 1.0)) -> tuple:
-        """``(a, b)`` times the balancing factors of ``counts`` to the powers ``strengths``."""
+        """``(a, b)`` times the balancing factors of ``counts`` to the powers ``strengths`` (one number: the
+        same power for both, as before ``b_ramp``)."""
+        if not isinstance(strengths, (tuple, list)):
+            strengths = (strengths, strengths)
         factors = balanced_class_scales(counts)
         balanced = []
         for name, value, strength in zip("ab", self._weights(), strengths):
