@@ -168,9 +168,7 @@ class nnUNetTrainerMime(ClassBalancedMimeTrainer):
     a = 1.9
     b = 0.1
     # when annealed, b's balancing factors rise from power 0 (the paper's b for every class) over the first
-    # b_ramp of the epochs (0: balanced from the start): at the near-uniform softmax of the start the small
-    # classes' large balanced b lift Σ_k w_k s_k above the large class's own b, so the mime raised the organ's
-    # logit at background voxels, and under Adam the organ took the background in some runs
+    # b_ramp of the epochs (0: balanced from the start); why: the module docstring
     b_ramp = 0.25
 
     def _weights(self) -> tuple:
