@@ -4,12 +4,14 @@ in the output's parent folder; what is written gets the modes of the user's umas
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import signal
 import stat
 import subprocess
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -429,6 +431,25 @@ def test_option_errors_of_the_parser_are_one_line():
     result = run("derive-partial", "10", "--target-id", "eleven", "--empty", "--cases-pattern", "*")
     line = assert_user_error(result, "derive-partial", "argument --target-id/-t: invalid int value: 'eleven'")
     assert line.endswith("(see nnunet-losses derive-partial --help)")
+
+
+def test_help_lists_every_subcommand_and_a_named_one_loads_alone():
+    def commands(parser):
+        return list(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
+
+    assert commands(cli.build_parser()) == list(cli.SUBCOMMANDS)  # --help, no command, a mistyped one
+    for command in cli.SUBCOMMANDS:
+        assert commands(cli.build_parser(command)) == [command]
+
+
+def test_a_user_error_of_evaluate_does_not_wait_for_nnunets_trainer():
+    # a fresh interpreter: this one has imported everything already
+    code = ("import sys; from nnunet_losses.commands.cli import main\n"
+            "try:\n    main(['evaluate'])\nexcept SystemExit as stop:\n"
+            "    print(stop.code, 'nnunetv2.training.nnUNetTrainer.nnUNetTrainer' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["2", "False"], result.stderr
+    assert "nnunet-losses evaluate: error: the following arguments are required" in result.stderr
 
 
 # ----------------------------------------------------------------------------------------------
