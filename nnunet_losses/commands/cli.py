@@ -37,7 +37,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
         description="Tools of nnunet-losses, the Dice-loss research losses as nnU-Net v2 trainers.",
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
-    modules = [SUBCOMMANDS[command]] if command in SUBCOMMANDS else dict.fromkeys(SUBCOMMANDS.values())
+    modules = [SUBCOMMANDS[command]] if command in SUBCOMMANDS else list(SUBCOMMANDS.values())
     for name in modules:
         importlib.import_module(name).register(subparsers)
     return parser
@@ -60,6 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     return run_reporting_errors(args.command, args.func, args)
+
 
 if __name__ == "__main__":
     sys.exit(main())
