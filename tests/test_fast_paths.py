@@ -10,7 +10,10 @@ Each one changes how a value is computed, never what it is:
   mask), whose row term runs over the merged channels only;
 * the ground-truth sums of a label map without a mask scatter an expanded 1, not a filled tensor;
 * the sharpened probabilities of LabelMarginalLoss take ``exp`` with subnormal results flushed to 0
-  (the CPU's exp leaves its vectorised kernel for them, about 20x slower).
+  (the CPU's exp leaves its vectorised kernel for them, about 20x slower);
+* the marginal and leaf cross-entropies of a label map gather ``log s`` at the label instead of
+  building a one-hot map, and the marginal one merges the background voxels' label sets only when a
+  class is missing in the batch (always under torch.compile).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import math
 import pytest
 import torch
 
-from nnunet_losses import LabelMarginalLoss, MarginalDiceLoss, MimeLoss, PhiDiceLoss
+from nnunet_losses import (LabelMarginalLoss, LeafCrossEntropyLoss, MarginalCrossEntropyLoss, MarginalDiceLoss,
+                           MimeLoss, PhiDiceLoss)
 from nnunet_losses.losses._inputs import prepare
 from nnunet_losses.losses._overlap_sums import overlap_sums_ground_truth
 from nnunet_losses.losses.label_marginal import _exp_floor, exp_flushing_subnormals_
@@ -168,6 +172,67 @@ def test_marginal_dice_background_row_equals_plain_autograd(make_case, label_dty
     (first,) = torch.autograd.grad(value, x, retain_graph=True)
     (second,) = torch.autograd.grad(value, x)
     torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# the label-set cross-entropies of a label map
+# ------------------------------------------------------------------------------------------------
+def plain_label_set_cross_entropies(x, labels, annotated, mask):
+    """Marginal and leaf CE by their definitions: softmax probabilities, the label sets as a dense map."""
+    batch, channels = x.shape[:2]
+    per_sample = (batch, 1, *([1] * (x.ndim - 2)))
+    s = x.softmax(1)
+    one_hot = torch.nn.functional.one_hot(labels[:, 0], channels).movedim(-1, 1).bool()
+    background = labels == 0
+    missing = ~annotated
+    missing[:, 0] = False
+    label_set = one_hot | (background & missing.view(batch, channels, *per_sample[2:]))
+    marginal = -torch.log((s * label_set).sum(1, keepdim=True) / label_set.sum(1, keepdim=True))
+    leaf = -torch.log((s * one_hot).sum(1, keepdim=True))
+    m = torch.ones_like(marginal) if mask is None else mask
+    leaf_m = m * ~(background & missing.any(1).view(per_sample))
+    return (m * marginal).sum() / m.sum(), (leaf_m * leaf).sum() / leaf_m.sum()
+
+
+@pytest.mark.parametrize("label_dtype", [torch.int16, torch.int64], ids=str)
+@pytest.mark.parametrize("mask", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("missing", [True, False], ids=["classes-missing", "all-annotated"])
+def test_label_set_cross_entropies_of_a_label_map_equal_plain_autograd(make_case, label_dtype, mask, missing):
+    """Sample 0 misses class 2, sample 1 class 4, sample 2 nothing (or, all-annotated, no sample misses
+    anything: the marginal CE skips the merge); the one-hot target (the other path) gives the same."""
+    case = make_case(spatial=(3, 4, 5), batch=3, channels=5, mask=mask)
+    labels = case.labels.clone()
+    annotated = torch.ones(3, 5, dtype=torch.bool)
+    if missing:
+        labels[0][labels[0] == 2] = 0
+        labels[1][labels[1] == 4] = 0
+        annotated[0, 2] = annotated[1, 4] = False
+    one_hot = torch.nn.functional.one_hot(labels[:, 0], 5).movedim(-1, 1).to(case.x.dtype)
+    references = [value_and_gradient(lambda x: plain_label_set_cross_entropies(x, labels, annotated, case.mask)[k],
+                                     case.x) for k in (0, 1)]
+    for loss, (reference, grad_ref) in zip((MarginalCrossEntropyLoss(), LeafCrossEntropyLoss()), references):
+        for target in (labels.to(label_dtype), one_hot):
+            value, grad = value_and_gradient(lambda x: loss(x, target, case.mask, annotated), case.x)
+            torch.testing.assert_close(value, reference, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("missing", [True, False], ids=["classes-missing", "all-annotated"])
+def test_traced_marginal_cross_entropy_merges_always_and_equals_eager(make_case, missing):
+    """Under torch.compile the merge runs without the host read; with nothing missing it is exact."""
+    torch._dynamo.reset()
+    case = make_case(spatial=(3, 4, 5), batch=2, channels=4)
+    labels = case.labels.clone()
+    annotated = torch.ones(2, 4, dtype=torch.bool)
+    if missing:
+        labels[0][labels[0] == 3] = 0
+        annotated[0, 3] = False
+    loss = MarginalCrossEntropyLoss()
+    eager, grad_eager = value_and_gradient(lambda x: loss(x, labels, None, annotated), case.x)
+    traced, grad_traced = value_and_gradient(lambda x: torch.compile(loss, backend="aot_eager")(x, labels, None, annotated),
+                                             case.x)
+    torch.testing.assert_close(traced, eager, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_traced, grad_eager, rtol=1e-10, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -276,19 +276,11 @@ def marginal_cross_entropy(
 
 
 def _label_set_inputs(x, y, loss_mask, annotated, activation, ignore_label):
-    """The checked inputs, the ``(B, C)`` annotated table and the dense (one-hot / region) target."""
+    """The checked inputs and the resolved ``(B, C)`` annotated table."""
     prepared = prepare(x, y, loss_mask, activation, ignore_label)
     annotated = check_annotated(annotated, x.shape[0], x.shape[1], x.device)
     ground_truth = overlap_sums_ground_truth(prepared, x.shape[1])
-    annotated = _resolve_annotated(annotated, ground_truth, softmax=activation == "softmax")
-    return prepared, annotated, _dense_target(prepared, x.shape[1])
-
-
-@torch.no_grad()
-def _dense_target(prepared, num_channels: int) -> torch.Tensor:
-    if prepared.labels is None:
-        return prepared.target
-    return F.one_hot(prepared.labels[:, 0], num_channels).movedim(-1, 1).to(prepared.dtype)
+    return prepared, _resolve_annotated(annotated, ground_truth, softmax=activation == "softmax")
 
 
 def _per_voxel(table: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -303,6 +295,55 @@ def _masked_voxel_mean(values: torch.Tensor, weights: Optional[torch.Tensor], x:
     return (values * weights).sum() / voxel_count(x, weights)
 
 
+def _background_label_sets(annotated: torch.Tensor) -> torch.Tensor:
+    """``(B, C)`` bool: the label set of a background voxel of sample b, ``{0} ∪ U_b``."""
+    label_set = ~annotated
+    label_set[:, 0] = True
+    return label_set
+
+
+def _marginal_cross_entropy(x, y, loss_mask, annotated, ignore_label):
+    prepared, annotated = _label_set_inputs(x, y, loss_mask, annotated, "softmax", ignore_label)
+    with torch.autocast(x.device.type, enabled=False):  # float32 under autocast, as every loss
+        logits = x.to(prepared.dtype)
+        if prepared.labels is None:
+            per_voxel = _marginal_cross_entropy_of_target(logits, prepared.target, annotated)
+        else:
+            per_voxel = _marginal_cross_entropy_of_labels(logits, prepared.labels, annotated)
+        return _masked_voxel_mean(per_voxel, prepared.mask, x)
+
+
+def _marginal_cross_entropy_of_labels(logits, labels, annotated):
+    """Per voxel, from a label map and without a one-hot map: ``-log s_l``, and on the background voxels
+    of a sample missing classes ``-logsumexp_{c ∈ {0} ∪ U_b} log s_c + log |S_b|``, over the channels
+    some sample's background set holds (the background and the batch's missing classes) only."""
+    log_probs = logits.log_softmax(1)
+    per_voxel = -log_probs.gather(1, labels)
+    label_set = _background_label_sets(annotated)
+    if torch.compiler.is_compiling():  # no host read: every channel
+        merged_channels = torch.arange(label_set.shape[1], device=label_set.device)
+    else:
+        merged_channels = label_set.any(0).nonzero()[:, 0]
+        if len(merged_channels) == 1:  # nothing missing: nnU-Net's CE
+            return per_voxel
+    label_set = label_set[:, merged_channels]
+    outside = torch.zeros(label_set.shape, dtype=log_probs.dtype, device=log_probs.device)
+    outside.masked_fill_(~label_set, float("-inf"))
+    in_set = log_probs.index_select(1, merged_channels) + _per_voxel(outside, logits.ndim)
+    set_size = _per_voxel(label_set.sum(1).to(log_probs.dtype), logits.ndim)
+    return torch.where(labels == 0, set_size.log() - in_set.logsumexp(1, keepdim=True), per_voxel)
+
+
+def _marginal_cross_entropy_of_target(logits, target, annotated):
+    """Per voxel, from a one-hot target: ``logsumexp_c x - logsumexp_{c ∈ S} x + log |S|``."""
+    label_set = _label_sets(target, annotated)
+    in_set = logits.masked_fill(~label_set, float("-inf")).logsumexp(1, keepdim=True)
+    set_size = label_set.sum(1, keepdim=True).to(logits.dtype)
+    per_voxel = logits.logsumexp(1, keepdim=True) - in_set + set_size.log()
+    has_class = (target > 0).any(1, keepdim=True)  # a one-hot voxel without any class adds nothing
+    return torch.where(has_class, per_voxel, torch.zeros_like(per_voxel))
+
+
 @torch.no_grad()
 def _label_sets(target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
     """``(B, C, *spatial)`` bool: class c is in the voxel's label set (its class; on background voxels
@@ -310,19 +351,6 @@ def _label_sets(target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
     its term is dropped, and the logsumexp over the set stays finite."""
     label_set = (target > 0) | ((target[:, :1] > 0) & _per_voxel(~annotated, target.ndim))
     return label_set | ~label_set.any(1, keepdim=True)
-
-
-def _marginal_cross_entropy(x, y, loss_mask, annotated, ignore_label):
-    prepared, annotated, target = _label_set_inputs(x, y, loss_mask, annotated, "softmax", ignore_label)
-    label_set = _label_sets(target, annotated)
-    with torch.autocast(x.device.type, enabled=False):  # float32 under autocast, as every loss
-        logits = x.to(prepared.dtype)
-        in_set = logits.masked_fill(~label_set, float("-inf")).logsumexp(1, keepdim=True)
-        set_size = label_set.sum(1, keepdim=True).to(prepared.dtype)
-        per_voxel = logits.logsumexp(1, keepdim=True) - in_set + set_size.log()
-        has_class = (target > 0).any(1, keepdim=True)  # a one-hot voxel without any class adds nothing
-        per_voxel = torch.where(has_class, per_voxel, torch.zeros_like(per_voxel))
-        return _masked_voxel_mean(per_voxel, prepared.mask, x)
 
 
 def leaf_cross_entropy(
@@ -365,27 +393,29 @@ def leaf_cross_entropy(
 
 
 @torch.no_grad()
-def _leaf_weights(target: torch.Tensor, annotated: torch.Tensor, mask: Optional[torch.Tensor],
-                  softmax: bool) -> torch.Tensor:
-    """Per-voxel weights of the leaf CE: ``(B, 1, ...)`` (softmax) or ``(B, C, ...)`` (sigmoid regions)."""
-    if softmax:
-        any_missing = _per_voxel(~annotated[:, 1:].all(1), target.ndim)
-        weights = (~((target[:, :1] > 0) & any_missing)).to(target.dtype)
-    else:
-        weights = _per_voxel(annotated, target.ndim).to(target.dtype).expand_as(target)
+def _leaf_weights(background: torch.Tensor, annotated: torch.Tensor, mask: Optional[torch.Tensor],
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Per-voxel weights of the softmax leaf CE, ``(B, 1, ...)``: 0 on the background voxels (``background``,
+    bool) of a sample missing any class, else the mask's weight."""
+    any_missing = _per_voxel(~annotated[:, 1:].all(1), background.ndim)
+    weights = (~(background & any_missing)).to(dtype)
     return weights if mask is None else weights * mask
 
 
 def _leaf_cross_entropy(x, y, loss_mask, annotated, activation, ignore_label):
-    softmax = activation == "softmax"
-    prepared, annotated, target = _label_set_inputs(x, y, loss_mask, annotated, activation, ignore_label)
-    weights = _leaf_weights(target, annotated, prepared.mask, softmax)
+    prepared, annotated = _label_set_inputs(x, y, loss_mask, annotated, activation, ignore_label)
     with torch.autocast(x.device.type, enabled=False):
         logits = x.to(prepared.dtype)
-        if softmax:
-            per_voxel = -(target * logits.log_softmax(1)).sum(1, keepdim=True)
+        if activation == "sigmoid":  # every region counts where annotated
+            weights = _per_voxel(annotated, x.ndim).to(prepared.dtype).expand_as(prepared.target)
+            weights = weights if prepared.mask is None else weights * prepared.mask
+            per_voxel = F.binary_cross_entropy_with_logits(logits, prepared.target, reduction="none")
+        elif prepared.labels is not None:  # a label map: log s at the label, no one-hot map
+            weights = _leaf_weights(prepared.labels == 0, annotated, prepared.mask, prepared.dtype)
+            per_voxel = -logits.log_softmax(1).gather(1, prepared.labels)
         else:
-            per_voxel = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+            weights = _leaf_weights(prepared.target[:, :1] > 0, annotated, prepared.mask, prepared.dtype)
+            per_voxel = -(prepared.target * logits.log_softmax(1)).sum(1, keepdim=True)
         return _masked_voxel_mean(per_voxel, weights, x)
 
 
