@@ -251,10 +251,11 @@ def marginal_cross_entropy(
     .. math::
         L = \frac{1}{N}\sum_{b,i} m_{b,i}\Big(-\log \sum_{c \in S_{b,i}} s_{b,c,i} + \log |S_{b,i}|\Big)
 
-    computed as :math:`\mathrm{logsumexp}_c\, x - \mathrm{logsumexp}_{c \in S}\, x + \log|S|`, never as the
-    log of a sum of probabilities. Gradient: :math:`\partial L/\partial x_c = m (s_c - [c \in S]\,
-    s_c / \sum_{k \in S} s_k)/N`. With every class annotated (:math:`|S| = 1`) it is nnU-Net's CE
-    (``RobustCrossEntropyLoss``, the ignore label included).
+    computed as :math:`\log|S| - \mathrm{logsumexp}_{c \in S} \log s_c` from ``log_softmax(x)``, never as
+    the log of a sum of probabilities (a label map is gathered at its label, never made one-hot).
+    Gradient: :math:`\partial L/\partial x_c = m (s_c - [c \in S]\, s_c / \sum_{k \in S} s_k)/N`. With
+    every class annotated (:math:`|S| = 1`) it is nnU-Net's CE (``RobustCrossEntropyLoss``, the ignore
+    label included).
 
     Reference vs code: :math:`+\log|S|` is Fidon et al.'s definition (their code's marginalisation
     spreads the set's probability and its target evenly over the set's classes, so a voxel's term is
