@@ -99,6 +99,21 @@ def test_ignore_label_in_and_out_of_the_label_dtype(make_case, label_dtype):
     torch.testing.assert_close(prepared.labels, case.labels, rtol=0, atol=0)
 
 
+def test_an_ignore_label_keeps_the_weights_of_the_mask(make_case):
+    """The ignore label zeroes its voxels' weights and leaves the others' as given (3 stays 3): the loss
+    equals the one with those voxels' weights set to 0 by hand."""
+    case = make_case(spatial=(4, 5), channels=3)
+    labels = case.labels.clone()
+    labels[0, 0, :2] = 200
+    weights = torch.full(labels.shape, 3.0, dtype=case.x.dtype)
+    weights[1] = 0.5
+    prepared = prepare(case.x, labels, weights, "softmax", 200)
+    torch.testing.assert_close(prepared.mask, weights * (labels != 200), rtol=0, atol=0)
+    zeroed = torch.where(labels == 200, 0.0, weights)
+    for loss in (PhiDiceLoss(ignore_label=200), MimeLoss(ignore_label=200)):
+        torch.testing.assert_close(loss(case.x, labels, weights), type(loss)()(case.x, labels.clamp_max(2), zeroed))
+
+
 @pytest.mark.parametrize("label_dtype", [torch.int16, torch.int32, torch.int64, torch.float32], ids=str)
 def test_out_of_range_labels_name_the_same_range_in_every_dtype(make_case, label_dtype):
     case = make_case(spatial=(4, 5), channels=3)

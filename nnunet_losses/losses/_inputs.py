@@ -149,7 +149,7 @@ def _prepared_labels(y: torch.Tensor, mask: Optional[torch.Tensor], ignore_label
     labels = y if _keeps_label_dtype(y, ignore_label) else (y.round() if y.is_floating_point() else y).long()
     if ignore_label is not None:
         keep = labels != ignore_label
-        mask = keep if mask is None else (mask.bool() & keep)
+        mask = keep if mask is None else mask * keep  # weights other than 0/1 stay weights
     if mask is not None:
         labels = torch.where(mask.bool(), labels, 0)
     if not torch.compiler.is_compiling():  # out-of-range labels would corrupt scatter_ and gather
