@@ -210,12 +210,14 @@ def plain_label_set_cross_entropies(x, labels, annotated, mask):
 
 
 @pytest.mark.parametrize("label_dtype", [torch.int16, torch.int64], ids=str)
-@pytest.mark.parametrize("mask", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("mask", [False, True], ids=["no-mask", "weighted-mask"])
 @pytest.mark.parametrize("missing", [True, False], ids=["classes-missing", "all-annotated"])
 def test_label_set_cross_entropies_of_a_label_map_equal_plain_autograd(make_case, label_dtype, mask, missing):
     """Sample 0 misses class 2, sample 1 class 4, sample 2 nothing (or, all-annotated, no sample misses
-    anything: the marginal CE skips the merge); the one-hot target (the other path) gives the same."""
+    anything: the marginal CE skips the merge); the one-hot target (the other path) gives the same. The
+    mask's weights run from 0 to 2.5, so a mean over 0/1 weights would not match."""
     case = make_case(spatial=(3, 4, 5), batch=3, channels=5, mask=mask)
+    weights = None if not mask else case.mask * torch.linspace(0.5, 2.5, case.mask.numel()).view_as(case.mask)
     labels = case.labels.clone()
     annotated = torch.ones(3, 5, dtype=torch.bool)
     if missing:
@@ -223,11 +225,11 @@ def test_label_set_cross_entropies_of_a_label_map_equal_plain_autograd(make_case
         labels[1][labels[1] == 4] = 0
         annotated[0, 2] = annotated[1, 4] = False
     one_hot = torch.nn.functional.one_hot(labels[:, 0], 5).movedim(-1, 1).to(case.x.dtype)
-    references = [value_and_gradient(lambda x: plain_label_set_cross_entropies(x, labels, annotated, case.mask)[k],
+    references = [value_and_gradient(lambda x: plain_label_set_cross_entropies(x, labels, annotated, weights)[k],
                                      case.x) for k in (0, 1)]
     for loss, (reference, grad_ref) in zip((MarginalCrossEntropyLoss(), LeafCrossEntropyLoss()), references):
         for target in (labels.to(label_dtype), one_hot):
-            value, grad = value_and_gradient(lambda x: loss(x, target, case.mask, annotated), case.x)
+            value, grad = value_and_gradient(lambda x: loss(x, target, weights, annotated), case.x)
             torch.testing.assert_close(value, reference, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-12)
 
@@ -244,8 +246,8 @@ def test_traced_marginal_cross_entropy_merges_always_and_equals_eager(make_case,
         annotated[0, 3] = False
     loss = MarginalCrossEntropyLoss()
     eager, grad_eager = value_and_gradient(lambda x: loss(x, labels, None, annotated), case.x)
-    traced, grad_traced = value_and_gradient(lambda x: torch.compile(loss, backend="aot_eager")(x, labels, None, annotated),
-                                             case.x)
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break fails
+    traced, grad_traced = value_and_gradient(lambda x: compiled(x, labels, None, annotated), case.x)
     torch.testing.assert_close(traced, eager, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad_traced, grad_eager, rtol=1e-10, atol=1e-12)
 

@@ -251,8 +251,10 @@ def marginal_cross_entropy(
     .. math::
         L = \frac{1}{N}\sum_{b,i} m_{b,i}\Big(-\log \sum_{c \in S_{b,i}} s_{b,c,i} + \log |S_{b,i}|\Big)
 
-    computed as :math:`\log|S| - \mathrm{logsumexp}_{c \in S} \log s_c` from ``log_softmax(x)``, never as
-    the log of a sum of probabilities (a label map is gathered at its label, never made one-hot).
+    computed as :math:`\log|S| - \mathrm{logsumexp}_{c \in S} \log s_c` from ``log_softmax(x)`` gathered
+    at the label of a label map (never made one-hot), as :math:`\mathrm{logsumexp}_c\, x -
+    \mathrm{logsumexp}_{c \in S}\, x + \log|S|` for a one-hot target; never as the log of a sum of
+    probabilities.
     Gradient: :math:`\partial L/\partial x_c = m (s_c - [c \in S]\, s_c / \sum_{k \in S} s_k)/N`. With
     every class annotated (:math:`|S| = 1`) it is nnU-Net's CE (``RobustCrossEntropyLoss``, the ignore
     label included).
