@@ -15,15 +15,21 @@ that change nothing it computes:
     where the class is; CE's is about ``w_0 * share_c * (1 - prob_in)``, ``w_0`` nnU-Net's weight of
     the full-resolution output, 4/7 with four scales), ``push_out``: ``sum g_c`` over the other voxels
     (how hard it lowers ``x_c`` elsewhere); divided by the GradScaler's scale where nnU-Net uses one;
+  - ``pred_share``: the class's share of the voxels where it is the argmax (the segmentation);
   - ``loss``: the step's loss;
+  - label-marginal trainers (CE + λ R) also: ``penalty_push_in`` / ``penalty_push_out``, the part of
+    ``push_in`` / ``push_out`` that the penalty λ R gives (the rest is CE's), and ``sharpened_share``,
+    the predicted proportion the penalty sees, mean over the batch of ``softmax(τ x)``'s;
 
   A class absent from the batch has ``prob_in`` and ``push_in`` None (not 0).
 * on ``torch.nn.utils.clip_grad_norm_`` (nnU-Net clips at 12): the parameters' gradient norm
   before clipping, so ``grad_norm > 12`` marks the steps whose update clipping shrank.
 
 Records go to ``--results`` after each run (reused on a re-run); ``--plot`` draws prob_in (and
-prob_out, dotted) and push_in per class against the iteration, one line per trainer (mean over
-repeats), and the gradient norm.
+prob_out, dotted) and push_in per class against the iteration (for a label-marginal trainer also
+the penalty's part of it, dashed, and of push_out, dotted, in absolute value), one line per trainer
+(mean over repeats), and the gradient norm. ``--epoch-table CLASS`` prints one class's medians per
+epoch.
 
     python benchmarks/training_dynamics.py --work-dir /tmp/quality_work \\
         --trainers nnUNetTrainer nnUNetTrainerDiceLoss nnUNetTrainerDiceICE --repeats 2 --plot
@@ -41,7 +47,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-from bench_quality import DATASETS, empty_results, finished_keys, load_results, prepare_dataset, store_record
+from bench_quality import DATASETS, LABELS, empty_results, finished_keys, load_results, prepare_dataset, store_record
 from bench_training import nnunet_environment
 from _common import write_json
 from nnunet_losses.training.names import short_run_name
@@ -58,6 +64,7 @@ class LossProbe:
 
     def __init__(self, loss, classes: int, steps: list, gradient_scale=lambda: 1.0):
         self.loss, self.classes, self.steps, self.gradient_scale = loss, classes, steps, gradient_scale
+        self.penalty = penalty_part(loss)
 
     def __call__(self, output, target, *args, **kwargs):
         import torch
@@ -72,7 +79,15 @@ class LossProbe:
         present = [bool(mask.any()) for mask in masks]  # a class absent from the batch: None, not 0
         step = {"loss": float(value.detach()), "share": [float(mask.float().mean()) for mask in masks],
                 "prob_in": [float(probabilities[:, c][m].mean()) if present[c] else None for c, m in enumerate(masks)],
-                "prob_out": [float(probabilities[:, c][~m].mean()) for c, m in enumerate(masks)]}
+                "prob_out": [float(probabilities[:, c][~m].mean()) for c, m in enumerate(masks)],
+                "pred_share": [float((probabilities.argmax(1) == c).float().mean()) for c in range(self.classes)]}
+        if self.penalty is not None:
+            tau, penalty_gradient = self.penalty
+            step["sharpened_share"] = torch.softmax(tau * full.detach().float(), 1).flatten(2).mean((0, 2)).tolist()
+            gradient = penalty_gradient(full, target[0] if isinstance(target, (list, tuple)) else target)
+            step["penalty_push_in"] = [float(-gradient[:, c][m].sum()) if present[c] else None
+                                       for c, m in enumerate(masks)]
+            step["penalty_push_out"] = [float(gradient[:, c][~m].sum()) for c, m in enumerate(masks)]
         self.steps.append(step)
 
         def record_gradient(gradient):
@@ -82,6 +97,30 @@ class LossProbe:
 
         full.register_hook(record_gradient)
         return value
+
+
+def penalty_part(loss):
+    """``(τ, gradient)`` for a label-marginal trainer's loss (a ``LabelMarginalLoss``, alone or in nnU-Net's
+    ``DeepSupervisionWrapper``), else None: ``gradient(x, y)`` is what λ R adds to ``dL/dx`` of the
+    full-resolution output ``x`` (deep-supervision weight included), the loss's gradient minus that of
+    its CE alone (``lam=0``, the same CE exactly)."""
+    import torch
+    from nnunet_losses import LabelMarginalLoss
+
+    inner, weight = getattr(loss, "loss", loss), 1.0
+    if hasattr(loss, "weight_factors"):
+        weight = float(loss.weight_factors[0])
+    if not isinstance(inner, LabelMarginalLoss):
+        return None
+    ce_only = LabelMarginalLoss(penalty=inner.penalty, lam=0.0, tau=inner.tau, activation=inner.activation,
+                                ignore_label=inner.ignore_label)
+
+    def gradient(x, y):
+        x = x.detach().float().requires_grad_()
+        (grad,) = torch.autograd.grad(weight * (inner(x, y) - ce_only(x, y)), x)
+        return grad.float()
+
+    return inner.tau, gradient
 
 
 @contextlib.contextmanager
@@ -138,6 +177,23 @@ def summarize_steps(record: dict, names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+EPOCH_COLUMNS = ("share", "pred_share", "sharpened_share", "prob_in", "push_in", "penalty_push_in", "penalty_push_out")
+
+
+def epoch_table(record: dict, c: int, iterations: int) -> str:
+    """A markdown table of class ``c`` per epoch (``iterations`` steps): the median over the epoch's steps
+    where the class is in the batch of each of :data:`EPOCH_COLUMNS` that the record has."""
+    steps = record["steps"]
+    columns = [key for key in EPOCH_COLUMNS if key in steps[0]]
+    lines = ["| epoch | steps | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for epoch, start in enumerate(range(0, len(steps), iterations)):
+        present = [step for step in steps[start:start + iterations] if step["prob_in"][c] is not None]
+        cells = [format_value(statistics.median(step[key][c] for step in present)) if present else "-"
+                 for key in columns]
+        lines.append(f"| {epoch} | {len(present)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def format_value(value: Optional[float]) -> str:
     """'-' for a class absent from the batch, else 3 significant digits."""
     return "-" if value is None else f"{value:.3g}"
@@ -173,7 +229,11 @@ def plot(results: dict, dataset: str, budget: str, names: Sequence[str], path: P
             row[0].plot(mean_series(records, "prob_out", c), color=colour, ls=":")
             row[0].set(title=f"{name}: mean s_c at its voxels (elsewhere dotted)", xlabel="iteration", yscale="log")
             row[1].plot([abs(v) for v in mean_series(records, "push_in", c)], color=colour, label=label)
-            row[1].set(title=f"{name}: push up there, -Σ dL/dx_c", xlabel="iteration", yscale="log")
+            if "penalty_push_in" in records[0]["steps"][0]:  # the penalty's part: there --, |elsewhere| ..
+                row[1].plot([abs(v) for v in mean_series(records, "penalty_push_in", c)], color=colour, ls="--")
+                row[1].plot([abs(v) for v in mean_series(records, "penalty_push_out", c)], color=colour, ls=":")
+                row[1].set_ylim(bottom=1e-8)  # the penalty's part falls to 0 below its log floor
+            row[1].set(title=f"{name}: push -Σ dL/dx_c at its voxels", xlabel="iteration", yscale="log")
         length = min(len(r["steps"]) for r in records)
         norms = [statistics.fmean(r["steps"][i].get("grad_norm", float("nan")) for r in records) for i in range(length)]
         axes[0][2].plot(norms, color=colour, label=label)
@@ -205,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", type=Path, default=None,
                         help="the JSON file of finished runs; default: results/training_dynamics_<device>.json")
     parser.add_argument("--plot", action="store_true", help="draw <results>.png from the finished runs")
+    parser.add_argument("--epoch-table", metavar="CLASS", default=None, choices=[name for name in LABELS if LABELS[name]],
+                        help="print, per finished run, a table per epoch of this class (a label name)")
     return parser
 
 
@@ -245,6 +307,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           "device": args.device, "run_name": run_name, "class_names": names, **probed}
                 results = store_record(args.results, record)
                 print(summarize_steps(record, ["background"] + names), flush=True)
+    if args.epoch_table is not None:
+        for record in results["runs"]:
+            if (record["dataset"], record["budget"]) == (args.dataset, budget):
+                print(f"\n{record['trainer']} repeat {record['repeat']}, {args.epoch_table}:\n"
+                      + epoch_table(record, names.index(args.epoch_table) + 1, args.iterations))
     if args.plot:
         print(f"Plot: {plot(results, args.dataset, budget, names, args.results.with_suffix('.png'))}")
     return 0

@@ -596,3 +596,64 @@ def test_dynamics_records_the_gradient_norm_before_clipping(dynamics):
     assert steps[0]["grad_norm"] == pytest.approx(50.0)  # what nnU-Net's clip saw, not the clipped 12
     assert torch.linalg.vector_norm(weight.grad) == pytest.approx(12.0)
     assert torch.nn.utils.clip_grad_norm_ is clip  # restored
+
+
+def test_dynamics_probe_splits_the_label_marginal_penalty_off_in_closed_form(dynamics):
+    # CE + λ L1 with deep-supervision weight w: the penalty's dL/dx_{c,i} is
+    # w λ τ q_ci (g_c - Σ_k g_k q_ki) / N, q = softmax(τ x), g_c = sign(p̂_c - ŷ_c) / (B C) (per image b)
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+
+    from nnunet_losses import LabelMarginalLoss
+
+    torch.manual_seed(1)
+    lam, tau, weight = 1.0, 2.0, 0.6
+    loss = DeepSupervisionWrapper(LabelMarginalLoss(penalty="l1", lam=lam, tau=tau), [weight, 0.4])
+    logits = [torch.randn(2, 3, 4, 5, requires_grad=True), torch.randn(2, 3, 2, 2)]
+    labels = [torch.randint(0, 3, (2, 1, 4, 5)), torch.zeros(2, 1, 2, 2)]
+    steps = []
+    dynamics.LossProbe(loss, 3, steps)(logits, labels).backward()
+    (step,) = steps
+    x, y = logits[0].detach().double().flatten(2), labels[0][:, 0].flatten(1)
+    q = torch.softmax(tau * x, 1)
+    n = x.shape[-1]
+    y_hat = torch.stack([(y == c).double().mean(1) for c in range(3)], 1)  # (B, C)
+    g = torch.sign(q.mean(2) - y_hat) / (2 * 3)
+    gradient = weight * lam * tau * q * (g[..., None] - (g[..., None] * q).sum(1, keepdim=True)) / n
+    for c in range(3):
+        assert step["penalty_push_in"][c] == pytest.approx(float(-gradient[:, c][y == c].sum()), rel=1e-4, abs=1e-7)
+        assert step["penalty_push_out"][c] == pytest.approx(float(gradient[:, c][y != c].sum()), rel=1e-4, abs=1e-7)
+    assert step["sharpened_share"] == pytest.approx(q.mean((0, 2)).tolist(), rel=1e-5)
+    argmax = x.argmax(1)
+    assert step["pred_share"] == [pytest.approx(float((argmax == c).double().mean())) for c in range(3)]
+    bare = logits[0].detach().clone().requires_grad_()
+    loss([bare, logits[1]], labels).backward()
+    assert torch.allclose(logits[0].grad, bare.grad)  # still passive
+
+
+def test_dynamics_probe_has_no_penalty_part_for_other_losses(dynamics):
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+
+    from nnunet_losses import LabelMarginalLoss
+
+    assert dynamics.penalty_part(DeepSupervisionWrapper(torch.nn.CrossEntropyLoss(), [1.0])) is None
+    assert dynamics.penalty_part(LabelMarginalLoss(penalty="kl", tau=10.0))[0] == 10.0
+
+
+def test_dynamics_epoch_table_takes_medians_over_the_steps_with_the_class(dynamics):
+    def step(share, push):  # class 1 absent from the batch when share is None
+        return {"share": [1.0, share or 0.0], "prob_in": [0.9, None if share is None else 0.5], "push_in": [0.0, push]}
+
+    record = {"steps": [step(0.1, 1.0), step(0.3, 5.0), step(None, None), step(0.2, 2.0), step(None, None)]}
+    table = dynamics.epoch_table(record, 1, iterations=3).splitlines()
+    assert table[0] == "| epoch | steps | share | prob_in | push_in |"
+    assert table[2] == "| 0 | 2 | 0.2 | 0.5 | 3 |"  # medians of (0.1, 0.3) and (1, 5); the absent step left out
+    assert table[3] == "| 1 | 1 | 0.2 | 0.5 | 2 |"
+    assert dynamics.epoch_table({"steps": [step(None, None)]}, 1, iterations=1).splitlines()[2] == "| 0 | 0 | - | - | - |"
+
+
+def test_dynamics_refuses_an_unknown_class_before_preparing_anything(dynamics, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        dynamics.main(["--epoch-table", "tumour", "--work-dir", str(tmp_path / "work")])
+    assert stopped.value.code == 2
+    assert "invalid choice: 'tumour' (choose from 'organ', 'lesion', 'vessel')" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
