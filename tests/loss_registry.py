@@ -98,6 +98,13 @@ OPTIONS: dict[str, tuple[Invalid, ...]] = {
         Invalid(float("inf"), ValueError, "tau: expected a finite number > 0, got inf"),
         Invalid(None, TypeError, "tau: expected a number, got NoneType None"),
     ),
+    "kl_knee": (
+        Invalid(0.5, ValueError, "kl_knee: expected 0 with penalty 'l1' (the knee continues the KL's log), got 0.5"),
+        Invalid(1.5, ValueError, "kl_knee: expected a fraction of the true proportion in [0, 1], got 1.5",
+                {"penalty": "kl"}),
+        Invalid(-0.5, ValueError, "kl_knee: expected a finite number >= 0, got -0.5", {"penalty": "kl"}),
+        Invalid(None, TypeError, "kl_knee: expected a number, got NoneType None", {"penalty": "kl"}),
+    ),
     "include_background": (
         Invalid(1, TypeError, "include_background: expected a bool, got int 1"),
         Invalid("no", TypeError, "include_background: expected a bool, got str 'no'"),
@@ -433,7 +440,7 @@ LEAF_CE = Loss(
 
 LABEL_MARGINAL = Loss(
     "label_marginal", nl.LabelMarginalLoss, nl.label_marginal_loss,
-    defaults=dict(penalty="l1", lam=None, tau=10.0, activation="softmax", ignore_label=None),
+    defaults=dict(penalty="l1", lam=None, tau=10.0, activation="softmax", ignore_label=None, kl_knee=0.0),
     value_range=label_marginal_range,
     fuzz=(
         Variant("ce_l1", {"penalty": "l1"}),
@@ -450,7 +457,8 @@ LABEL_MARGINAL = Loss(
     gradcheck=tuple(
         Variant(f"label_marginal-{penalty}{suffix}", dict(penalty=penalty, tau=2.0, **extra))
         for penalty in ("l1", "kl", "dice_bias") for suffix, extra in (("", {}), ("-sigmoid", SIGMOID))
-    ),
+    ) + tuple(Variant(f"label_marginal-kl-knee{suffix}", dict(penalty="kl", tau=2.0, kl_knee=0.9, **extra))
+              for suffix, extra in (("", {}), ("-sigmoid", SIGMOID))),
     identities=(
         Variant("label_marginal-l1", dict(penalty="l1", tau=2.0)),
         Variant("label_marginal-kl", dict(penalty="kl")),

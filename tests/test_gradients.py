@@ -292,6 +292,27 @@ def test_marginal_penalty_gradient(penalty, activation):
                                atol=1e-15)
 
 
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_kl_knee_bounds_the_derivative_below_the_knee_and_keeps_it_above(activation):
+    # dR/dp̂ = -ŷ/(B max(p̂, κŷ)) (sigmoid: + (1-ŷ)/(B max(1-p̂, κ(1-ŷ)))): the KL's where p̂ >= κŷ
+    kl_knee, batch = 0.5, 2
+    y_hat = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]], dtype=torch.float64)
+    p_hat = torch.tensor([[0.8, 0.14, 0.06], [0.05, 0.15, 0.8]], dtype=torch.float64, requires_grad=True)
+    below = p_hat.detach() < kl_knee * y_hat
+    assert below.any() and (~below).any()  # both sides of the knee
+    (grad,) = torch.autograd.grad(marginal_penalty(y_hat, p_hat, penalty="kl", activation=activation,
+                                                   kl_knee=kl_knee), p_hat)
+    p = p_hat.detach()
+    expected = -y_hat / (batch * torch.maximum(p, kl_knee * y_hat))
+    if activation == "sigmoid":
+        expected = expected + (1 - y_hat) / (batch * torch.maximum(1 - p, kl_knee * (1 - y_hat)))
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-15)
+    if activation == "softmax":  # where every p̂ >= κŷ, the paper's KL itself
+        above = torch.tensor([[0.5, 0.3, 0.2], [0.3, 0.2, 0.5]], dtype=torch.float64)
+        assert float(marginal_penalty(y_hat, above, penalty="kl", kl_knee=kl_knee)) == pytest.approx(
+            float(marginal_penalty(y_hat, above, penalty="kl")), rel=1e-15)
+
+
 DEFAULT_LAMBDA = {"l1": 1.0, "kl": 0.1, "dice_bias": 0.01}  # docs/losses.md §4 and the docstring
 
 

@@ -19,6 +19,7 @@ from nnunetv2.training.nnUNetTrainer.variants.optimizer.nnUNetTrainerAdam import
 from nnunetv2.utilities.file_path_utilities import convert_identifier_to_trainer_plans_config
 
 from nnunet_losses.trainers import (
+    nnUNetTrainerCEKL,
     nnUNetTrainerCEL1,
     nnUNetTrainerDiceI,
     nnUNetTrainerDiceIEps,
@@ -37,7 +38,7 @@ from nnunet_losses.training.names import (
 
 KNOWN = {cls.__name__: cls for cls in (nnUNetTrainer, nnUNetTrainerMime, nnUNetTrainerNegativeMime,
                                       nnUNetTrainerDiceI, nnUNetTrainerDiceIEps, nnUNetTrainerLeafDice,
-                                      nnUNetTrainerCEL1, nnUNetTrainerVanillaAdam1en3)}
+                                      nnUNetTrainerCEL1, nnUNetTrainerCEKL, nnUNetTrainerVanillaAdam1en3)}
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,7 @@ def resolve(name):
     ("eps1e-5,1e-3", "epsilon", (1e-5, 0.001)), ("bg0", "include_background", False),
     ("bg1", "include_background", True), ("sum", "reduction", "sum"), ("mean", "reduction", "mean"),
     ("countbatches20", "count_batches", 20), ("lam0.5", "lam", 0.5), ("tau5", "tau", 5.0),
+    ("knee0.5", "kl_knee", 0.5),
     ("srcsqrt", "source_sampling", "sqrt"), ("srcuniform", "source_sampling", "uniform"),
     ("sgd", "optimizer", "sgd"), ("adam", "optimizer", "adam"), ("adamw", "optimizer", "adamw"),
     ("lr3e-4", "lr", 3e-4), ("100ep", "epochs", 100), ("50it", "iterations", 50),
@@ -150,6 +152,8 @@ def test_a_token_that_repeats_the_trainers_own_value_is_refused(name, redundant,
     ("nnUNetTrainerMime_3ep_0it", "token '0it': expected iterations >= 1, got 0"),
     ("nnUNetTrainer_lr0", "token 'lr0': expected lr > 0, got 0.0"),
     ("nnUNetTrainerCEL1_tau0", "token 'tau0': expected tau > 0, got 0.0"),
+    ("nnUNetTrainerCEKL_knee1.5", "token 'knee1.5': expected kl_knee <= 1 (a fraction), got 1.5"),
+    ("nnUNetTrainerCEL1_knee0.5", "token 'knee0.5': nnUNetTrainerCEL1 has no setting 'kl_knee'"),
     ("nnUNetTrainerMime_3ep_4ep", "token '4ep': epochs is set twice"),
 ])
 def test_a_name_that_does_not_resolve_says_which_token_and_why(name, why):

@@ -270,6 +270,13 @@ LABEL_MARGINAL_TABLE = [
     pytest.param(X_L, Y_L, None, dict(penalty="l1"), CE_L + 0.25 - 1 / 118100, id="l1-tau10"),
     # kl: .5 log(.5/.3) + .5 log(.5/.7) = .5 log(25/21), λ = 0.1
     pytest.param(X_L, Y_L, None, dict(penalty="kl", tau=2.0), CE_L + 0.1 * 0.5 * math.log(25 / 21), id="kl"),
+    # kl_knee κ = .5: knees κŷ = (.25, .25) below p̂: the KL unchanged
+    pytest.param(X_L, Y_L, None, dict(penalty="kl", tau=2.0, kl_knee=0.5), CE_L + 0.1 * 0.5 * math.log(25 / 21),
+                 id="kl-knee-below-p"),
+    # κ = 1: class 0's p̂ = .3 < .5: its log continues along the tangent at .5, log .5 + (.3 - .5)/.5, so its
+    # term is .5 log .5 - .5 (log .5 - .4) = .2; class 1 (.7 >= .5) keeps .5 log(.5/.7)
+    pytest.param(X_L, Y_L, None, dict(penalty="kl", tau=2.0, kl_knee=1.0), CE_L + 0.1 * (0.2 + 0.5 * math.log(5 / 7)),
+                 id="kl-knee1"),
     # dice_bias: mean of log(.3 + .5), log(.7 + .5) = .5 log(.96), λ = 0.01
     pytest.param(X_L, Y_L, None, dict(penalty="dice_bias", tau=2.0), CE_L + 0.01 * 0.5 * math.log(0.96),
                  id="dice_bias"),
@@ -287,6 +294,9 @@ LABEL_MARGINAL_TABLE = [
     # sigmoid kl, Bernoulli per region: region 0 1·log(1/.5) + 0, region 1 0: log 2, λ = 0.1
     pytest.param(X_LS, R_L, None, dict(penalty="kl", activation="sigmoid"), math.log(2) + 0.1 * math.log(2),
                  id="kl-sigmoid"),
+    # sigmoid kl, κ = 1: region 0's p̂ = .5 below its knee 1: 1·log 1 - 1·(log 1 + (.5 - 1)/1) = .5; the rest 0
+    pytest.param(X_LS, R_L, None, dict(penalty="kl", activation="sigmoid", kl_knee=1.0), math.log(2) + 0.1 * 0.5,
+                 id="kl-knee1-sigmoid"),
     # sigmoid dice_bias: mean of log 1.5, log 1
     pytest.param(X_LS, R_L, None, dict(penalty="dice_bias", activation="sigmoid"),
                  math.log(2) + 0.01 * 0.5 * math.log(1.5), id="dice_bias-sigmoid"),

@@ -190,7 +190,7 @@ TRAINERS = {
         lambda x, y, m, act: label_marginal_loss(x, y, m, penalty="l1", lam=1.0, tau=10.0, activation=act),
         ("labels", "labels+ignore", "regions", "regions+ignore")),
     "nnUNetTrainerCEKL": (
-        nnUNetTrainerCEKL, LabelMarginalLoss, {"penalty": "kl", "lam": 0.1, "tau": 10.0},
+        nnUNetTrainerCEKL, LabelMarginalLoss, {"penalty": "kl", "lam": 0.1, "tau": 10.0, "kl_knee": 0.0},
         lambda x, y, m, act: label_marginal_loss(x, y, m, penalty="kl", lam=0.1, tau=10.0, activation=act),
         ("labels", "labels+ignore", "regions", "regions+ignore")),
 }
@@ -248,6 +248,14 @@ def test_loss_is_the_intended_one_with_its_hyperparameters_and_weights(planned, 
     outputs, targets = scale_batches(kind, seed=len(name))
     expected = reference_total(reference, kind, outputs, targets, NNUNET_WEIGHTS)
     torch.testing.assert_close(loss(outputs, targets), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_kl_knee_of_a_name_reaches_the_loss(planned):
+    from nnunet_losses.training.names import trainer_with_settings
+
+    trainer = build_trainer(trainer_with_settings(nnUNetTrainerCEKL, kl_knee=0.5), planned, "labels")
+    (module,) = our_losses(trainer._build_loss())
+    assert (module.penalty, module.kl_knee) == ("kl", 0.5)
 
 
 @pytest.mark.parametrize("name,kind", REFUSED)

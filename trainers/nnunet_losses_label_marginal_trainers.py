@@ -21,12 +21,16 @@ class nnUNetTrainerCEL1(nnUNetTrainer):
     tau = 10.0
 
     def _build_loss(self):
-        return assemble_loss(self, LabelMarginalLoss(penalty=self.penalty, lam=self.lam, tau=self.tau,
+        knee = {"kl_knee": self.kl_knee} if self.penalty == "kl" else {}
+        return assemble_loss(self, LabelMarginalLoss(penalty=self.penalty, lam=self.lam, tau=self.tau, **knee,
                                                      **loss_target_options(self)))
 
 
 class nnUNetTrainerCEKL(nnUNetTrainerCEL1):
-    """CE + λ·KL(ŷ ‖ p̂) (λ = 0.1, the paper's tuned value). Labels and regions (Bernoulli KL per region)."""
+    """CE + λ·KL(ŷ ‖ p̂) (λ = 0.1, the paper's tuned value). Labels and regions (Bernoulli KL per region).
+    ``kl_knee`` (token ``knee0.5``): the KL's log continued along its tangent below that fraction of the
+    true proportion (0: the paper's KL)."""
 
     penalty = "kl"
     lam = 0.1
+    kl_knee = 0.0

@@ -23,7 +23,7 @@ _LOG_FLOOR = 1e-8  # keeps log(p̂) finite when a predicted class proportion und
 
 
 def marginal_penalty(y_hat: torch.Tensor, p_hat: torch.Tensor, *, penalty: str = "l1", activation: str = "softmax",
-                     valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     valid: Optional[torch.Tensor] = None, kl_knee: float = 0.0) -> torch.Tensor:
     r"""The penalty :math:`R(\hat y, \hat p)` on ``(B, C)`` class proportions, averaged over images.
 
     * ``"l1"``: :math:`\frac{1}{BC}\sum_{b,c} |\hat y_{b,c} - \hat p_{b,c}|` -- averaged over classes as in
@@ -33,6 +33,12 @@ def marginal_penalty(y_hat: torch.Tensor, p_hat: torch.Tensor, *, penalty: str =
       floored at 1e-8), :math:`\partial R/\partial \hat p = -\hat y/(B \hat p)`. With sigmoid regions
       (proportions that need not sum to 1) the Bernoulli KL of each region,
       :math:`\hat y\log\frac{\hat y}{\hat p} + (1-\hat y)\log\frac{1-\hat y}{1-\hat p}`, summed over regions.
+      ``kl_knee`` κ in (0, 1] (0: the paper's KL, above) continues :math:`\log \hat p` below :math:`k = κ\hat y`
+      along its tangent, :math:`\log k + (\hat p - k)/k`: the KL unchanged where :math:`\hat p \ge κ\hat y`, its
+      derivative bounded there at :math:`-1/(Bκ)`, so that a class predicted almost nowhere gets a push that
+      fades with :math:`\hat p` (as L1's) instead of the KL's full :math:`τλ\hat y/B` wherever
+      softmax(τx) is largest (benchmarks/README.md, *CE + KL on the 3D lesion*). Regions: the same for
+      :math:`1-\hat p` with :math:`k = κ(1-\hat y)`.
     * ``"dice_bias"``: the Dice loss's hidden bias (paper eq. 1, DB),
       :math:`\frac{1}{BC}\sum_{b,c} \log(\hat p + \hat y)`.
 
@@ -50,7 +56,7 @@ def marginal_penalty(y_hat: torch.Tensor, p_hat: torch.Tensor, *, penalty: str =
     _check_proportions("y_hat", y_hat, y_hat)
     _check_proportions("p_hat", p_hat, y_hat)
     _check_valid(valid, y_hat.shape[0])
-    return _marginal_penalty(y_hat, p_hat, penalty, activation, valid)
+    return _marginal_penalty(y_hat, p_hat, penalty, activation, valid, _check_kl_knee(kl_knee, penalty))
 
 
 def _check_proportions(name: str, value: object, like: object) -> None:
@@ -74,24 +80,42 @@ def _check_valid(valid: object, batch: int) -> None:
         raise ValueError(f"valid: expected shape ({batch},) (one per image of y_hat), got shape {tuple(valid.shape)}")
 
 
-def _marginal_penalty(y_hat, p_hat, penalty, activation, valid):
+def _check_kl_knee(kl_knee, penalty):
+    kl_knee = check_scalar("kl_knee", kl_knee)
+    if kl_knee > 1:
+        raise ValueError(f"kl_knee: expected a fraction of the true proportion in [0, 1], got {kl_knee!r}")
+    if kl_knee and penalty != "kl":
+        raise ValueError(f"kl_knee: expected 0 with penalty {penalty!r} (the knee continues the KL's log), got {kl_knee!r}")
+    return kl_knee
+
+
+def _guarded_log(p, y, kl_knee):
+    """``log p`` for the KL's ``y log p``: floored at 1e-8 (kl_knee 0), or continued along its tangent
+    below the knee ``kl_knee * y`` (itself at least 1e-8)."""
+    if not kl_knee:
+        return p.clamp_min(_LOG_FLOOR).log()
+    knee = (kl_knee * y).clamp_min(_LOG_FLOOR)
+    return torch.where(p >= knee, p.clamp_min(_LOG_FLOOR).log(), knee.log() + (p - knee) / knee)
+
+
+def _marginal_penalty(y_hat, p_hat, penalty, activation, valid, kl_knee):
     if penalty == "l1":
         per_image = (y_hat - p_hat).abs().mean(1)
     elif penalty == "kl":
-        per_image = (torch.xlogy(y_hat, y_hat) - y_hat * p_hat.clamp_min(_LOG_FLOOR).log()).sum(1)
+        per_image = (torch.xlogy(y_hat, y_hat) - y_hat * _guarded_log(p_hat, y_hat, kl_knee)).sum(1)
         if activation == "sigmoid":
             rest_y, rest_p = 1 - y_hat, 1 - p_hat
-            per_image = per_image + (torch.xlogy(rest_y, rest_y) - rest_y * rest_p.clamp_min(_LOG_FLOOR).log()).sum(1)
+            per_image = per_image + (torch.xlogy(rest_y, rest_y) - rest_y * _guarded_log(rest_p, rest_y, kl_knee)).sum(1)
     else:  # dice_bias
         per_image = (p_hat + y_hat).clamp_min(_LOG_FLOOR).log().mean(1)
     return per_image.mean() if valid is None else masked_mean(per_image, valid)
 
 
-def _check_label_marginal_options(penalty, lam, tau, activation):
+def _check_label_marginal_options(penalty, lam, tau, activation, kl_knee):
     check_option("penalty", penalty, PENALTIES)
     check_option("activation", activation, ACTIVATIONS)
     lam = DEFAULT_LAMBDA[penalty] if lam is None else check_scalar("lam", lam)
-    return lam, check_scalar("tau", tau, positive=True)
+    return lam, check_scalar("tau", tau, positive=True), _check_kl_knee(kl_knee, penalty)
 
 
 def label_marginal_loss(
@@ -104,6 +128,7 @@ def label_marginal_loss(
     tau: float = 10.0,
     activation: str = "softmax",
     ignore_label: Optional[int] = None,
+    kl_knee: float = 0.0,
 ) -> torch.Tensor:
     r"""Cross-entropy plus a label-marginal penalty (Liu et al., eq. 5): :math:`CE + λ R(\hat y, \hat p)`.
 
@@ -117,6 +142,7 @@ def label_marginal_loss(
     :func:`marginal_penalty` (``"l1"``, ``"kl"`` or ``"dice_bias"``, the paper's DiceBiasCE).
     ``lam=None`` takes the paper's tuned weights: 1.0 for l1, 0.1 for kl, and 0.01 for dice_bias
     (its accuracy dropped for λ ≥ 0.1). Images with no counted voxel are left out of the penalty.
+    ``kl_knee`` (``"kl"`` only): see :func:`marginal_penalty`; 0, the default, is the paper's KL.
 
     CE is nnU-Net's: the mean over counted voxels of the cross-entropy of the logits (softmax,
     equal to ``RobustCrossEntropyLoss`` with the ignore label), or of binary cross-entropy with
@@ -131,11 +157,11 @@ def label_marginal_loss(
         >>> round(float(label_marginal_loss(x, y)), 4), round(0.6931 + 0.5, 4)
         (1.1931, 1.1931)
     """
-    lam, tau = _check_label_marginal_options(penalty, lam, tau, activation)
-    return _label_marginal(x, y, loss_mask, penalty, lam, tau, activation, ignore_label)
+    lam, tau, kl_knee = _check_label_marginal_options(penalty, lam, tau, activation, kl_knee)
+    return _label_marginal(x, y, loss_mask, penalty, lam, tau, activation, ignore_label, kl_knee)
 
 
-def _label_marginal(x, y, loss_mask, penalty, lam, tau, activation, ignore_label):
+def _label_marginal(x, y, loss_mask, penalty, lam, tau, activation, ignore_label, kl_knee):
     prepared = prepare(x, y, loss_mask, activation, ignore_label)
     mask = prepared.mask
     softmax = activation == "softmax"
@@ -158,7 +184,7 @@ def _label_marginal(x, y, loss_mask, penalty, lam, tau, activation, ignore_label
     counted = counted.clamp_min(1)
     p_hat = sharpened_sums / counted
     y_hat = overlap_sums_ground_truth(prepared, x.shape[1]) / counted
-    return ce + lam * _marginal_penalty(y_hat, p_hat, penalty, activation, valid)
+    return ce + lam * _marginal_penalty(y_hat, p_hat, penalty, activation, valid, kl_knee)
 
 
 # The sharpened probabilities are computed slice by slice along the voxels (kept for the backward when
@@ -418,15 +444,17 @@ class LabelMarginalLoss(nn.Module):
     ``"dice_bias"``."""
 
     def __init__(self, *, penalty: str = "l1", lam: Optional[float] = None, tau: float = 10.0,
-                 activation: str = "softmax", ignore_label: Optional[int] = None):
+                 activation: str = "softmax", ignore_label: Optional[int] = None, kl_knee: float = 0.0):
         super().__init__()
-        self.lam, self.tau = _check_label_marginal_options(penalty, lam, tau, activation)
+        self.lam, self.tau, self.kl_knee = _check_label_marginal_options(penalty, lam, tau, activation, kl_knee)
         self.penalty = penalty
         self.activation = activation
         self.ignore_label = check_ignore_label(ignore_label)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return _label_marginal(x, y, loss_mask, self.penalty, self.lam, self.tau, self.activation, self.ignore_label)
+        return _label_marginal(x, y, loss_mask, self.penalty, self.lam, self.tau, self.activation, self.ignore_label,
+                               self.kl_knee)
 
     def extra_repr(self) -> str:
-        return f"penalty={self.penalty!r}, lam={self.lam}, tau={self.tau}, activation={self.activation!r}"
+        knee = f", kl_knee={self.kl_knee}" if self.kl_knee else ""
+        return f"penalty={self.penalty!r}, lam={self.lam}, tau={self.tau}{knee}, activation={self.activation!r}"

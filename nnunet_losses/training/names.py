@@ -25,6 +25,7 @@ token               sets                        trainers
 ``countbatches20``  ``count_batches``           DiceIEps, Mime, NegativeMime
 ``lam0.5``          ``lam``                     CEL1, CEKL
 ``tau5``            ``tau``                     CEL1, CEKL
+``knee0.5``         ``kl_knee``                 CEKL
 ``srcsqrt`` /       ``source_sampling``: cases  Marginal, Leaf
 ``srcuniform``      drawn per source of a
                     merged dataset
@@ -134,6 +135,8 @@ TOKENS = (
           "batches the class counts (heuristic epsilon, balanced mime weights) are estimated from"),
     _number_token("lam", "lam", "lam", "weight of the label-marginal penalty"),
     _number_token("tau", "tau", "tau", "temperature of the predicted proportions"),
+    _number_token("kl_knee", "knee", "kl_knee", "CE + KL: the KL's log continued along its tangent below this "
+                                                "fraction of the true proportion (0: the paper's KL)"),
     Token("source_sampling", r"src(?P<value>sqrt|uniform)", str, lambda v: f"src{v}", "source_sampling",
           "training cases drawn per source of a merged dataset: n^-1/2 or 1/n per case"),
     _word_token("optimizer", ("sgd", "adamw", "adam"), None, "nnU-Net's SGD, Adam or AdamW (amsgrad)"),
@@ -284,6 +287,8 @@ def parse_settings(name: str, base: type, texts: list) -> dict:
             raise _refuse(name, base, f"token {text!r}: expected {token.key} >= 1, got {value}")
         if token.key in ("lr", "tau") and value <= 0:
             raise _refuse(name, base, f"token {text!r}: expected {token.key} > 0, got {value}")
+        if token.key == "kl_knee" and value > 1:
+            raise _refuse(name, base, f"token {text!r}: expected kl_knee <= 1 (a fraction), got {value}")
         found[token.key] = value
     return found
 
