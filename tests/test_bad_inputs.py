@@ -324,6 +324,7 @@ def _count(value) -> bool:
 ACCEPTS = {
     "a": _number, "b": _number, "epsilon": _number, "lam": lambda v: v is None or _number(v),
     "tau": lambda v: _number(v, positive=True),
+    "kl_knee": lambda v: _number(v) and v == 0,  # with the default penalty "l1" only 0 (the knee is the KL's)
     "include_background": lambda v: isinstance(v, bool), "ddp": lambda v: v is None or isinstance(v, bool),
     "ignore_label": lambda v: v is None or (isinstance(v, numbers.Integral) and not isinstance(v, bool)
                                             and -(2**63) <= v < 2**63),
