@@ -118,7 +118,7 @@ def penalty_part(loss):
     def gradient(x, y):
         x = x.detach().float().requires_grad_()
         (grad,) = torch.autograd.grad(weight * (inner(x, y) - ce_only(x, y)), x)
-        return grad.float()
+        return grad
 
     return inner.tau, gradient
 

@@ -453,6 +453,8 @@ LABEL_MARGINAL = Loss(
         Variant("ce_dice_bias", dict(penalty="dice_bias", lam=1.0)),
         Variant("ce_l1_sigmoid", dict(penalty="l1", **SIGMOID)),
         Variant("ce_kl_sigmoid", dict(penalty="kl", **SIGMOID)),
+        Variant("ce_kl_knee", dict(penalty="kl", kl_knee=0.5)),
+        Variant("ce_kl_knee_sigmoid", dict(penalty="kl", kl_knee=0.5, **SIGMOID)),
     ),
     gradcheck=tuple(
         Variant(f"label_marginal-{penalty}{suffix}", dict(penalty=penalty, tau=2.0, **extra))

@@ -33,9 +33,9 @@ def marginal_penalty(y_hat: torch.Tensor, p_hat: torch.Tensor, *, penalty: str =
       floored at 1e-8), :math:`\partial R/\partial \hat p = -\hat y/(B \hat p)`. With sigmoid regions
       (proportions that need not sum to 1) the Bernoulli KL of each region,
       :math:`\hat y\log\frac{\hat y}{\hat p} + (1-\hat y)\log\frac{1-\hat y}{1-\hat p}`, summed over regions.
-      ``kl_knee`` κ in (0, 1] (0: the paper's KL, above) continues :math:`\log \hat p` below :math:`k = κ\hat y`
+      ``kl_knee`` κ in [0, 1] (0: the paper's KL, above) continues :math:`\log \hat p` below :math:`k = κ\hat y`
       along its tangent, :math:`\log k + (\hat p - k)/k`: the KL unchanged where :math:`\hat p \ge κ\hat y`, its
-      derivative bounded there at :math:`-1/(Bκ)`, so that a class predicted almost nowhere gets a push that
+      derivative below the knee the constant :math:`-1/(Bκ)`, so that a class predicted almost nowhere gets a push that
       fades with :math:`\hat p` (as L1's) instead of the KL's full :math:`τλ\hat y/B` wherever
       softmax(τx) is largest (benchmarks/README.md, *CE + KL on the 3D lesion*). Regions: the same for
       :math:`1-\hat p` with :math:`k = κ(1-\hat y)`.
@@ -95,6 +95,7 @@ def _guarded_log(p, y, kl_knee):
     if not kl_knee:
         return p.clamp_min(_LOG_FLOOR).log()
     knee = (kl_knee * y).clamp_min(_LOG_FLOOR)
+    # the clamp keeps the branch torch.where leaves out finite: log(0)'s gradient there would turn 0 into NaN
     return torch.where(p >= knee, p.clamp_min(_LOG_FLOOR).log(), knee.log() + (p - knee) / knee)
 
 
