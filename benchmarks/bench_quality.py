@@ -83,6 +83,7 @@ FAMILY_REFERENCE = {
 DEFAULT_TRAINERS = REFERENCES + tuple(TRAINER_NAMES)
 DEFAULT_BUDGETS = "5x25,20x25"  # a quick look and the quickstart's budget (20 x 25: where the lesion is learned)
 TOLERANCE = 0.03  # the issue's first check: per class, at most this much below nnUNetTrainer
+FOUND_AT = 0.5  # a class is found in the epoch its validation pseudo-Dice first reaches this
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "quality_cpu.json"
 FOLD = "0"
 
@@ -716,6 +717,32 @@ def volume_table(by_trainer: dict) -> Optional[str]:
     return markdown_table(["trainer", "runs"] + [f"{n} predicted / reference voxels" for n in classes], rows)
 
 
+def first_epoch_found(values: Sequence[Optional[float]]) -> Optional[int]:
+    """The first epoch (0-based) whose validation pseudo-Dice is at least FOUND_AT; None: never."""
+    return next((epoch for epoch, value in enumerate(values) if value is not None and value >= FOUND_AT), None)
+
+
+def format_onsets(records: Sequence[dict], name: str) -> str:
+    """``found in k of n (epochs e, ...)`` over the runs that logged per-class validation Dice."""
+    onsets = [first_epoch_found(r["curve"]["dice_per_class"][name]) for r in records]
+    found = [str(epoch) for epoch in onsets if epoch is not None]
+    return f"{len(found)} of {len(onsets)}" + (f" (epochs {', '.join(found)})" if found else "")
+
+
+def onset_table(by_trainer: dict) -> Optional[str]:
+    """Per trainer and class, in how many runs and from which epoch the class was found: a structure won
+    or lost per run shows here as a split count, not as a mean Dice between the two outcomes."""
+    classes = next(iter(by_trainer.values()))[0]["classes"]
+    rows = []
+    for trainer in ordered_trainers(by_trainer):
+        logged = [r for r in by_trainer[trainer] if "dice_per_class" in r["curve"]]
+        if logged:
+            rows.append([trainer] + [format_onsets(logged, n) for n in classes])
+    if not rows:
+        return None
+    return markdown_table(["trainer"] + [f"{n} found in" for n in classes], rows)
+
+
 NOT_CHECKED = "not checked"  # a check that does not apply to a trainer (a compound's family check)
 
 
@@ -754,6 +781,11 @@ def summary_markdown(results: dict) -> str:
                 lines += ["", f"Volumes at {budget}: predicted / reference voxels of each class summed over the "
                               "test cases, mean ± std over repeats (1.000: the right amount; > 1 over-segments, "
                               "0 predicts the class nowhere).", "", volumes]
+            onsets = onset_table(by_trainer) if budget == largest else None
+            if onsets:
+                lines += ["", f"Onsets at {budget}: in how many runs each class was found, a validation "
+                              f"pseudo-Dice of at least {FOUND_AT} in some epoch, and the first such epoch "
+                              "of each (0-based).", "", onsets]
     machines = sorted({machine_line(r["machine"], r["device"]) for r in results["runs"]})
     lines += ["", f"{len(results['runs'])} finished runs on: " + "; ".join(machines)]
     if results["failures"]:

@@ -362,6 +362,23 @@ def test_quality_summary_table_by_hand(quality, tmp_path):
     assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_quality_onsets_count_the_runs_that_found_each_class(quality):
+    # vessel: found in epoch 2 of run 0 (0.49 is not yet found), never in run 1; lesion: epochs 0 and 1
+    runs = []
+    for repeat, (lesion, vessel) in enumerate([((0.5, 0.9, 0.2), (0.0, 0.49, 0.6)), ((0.1, 0.7, None), (0.0, 0.0, 0.0))]):
+        record = _record("synthetic3d", "nnUNetTrainerCELoss", "3x2", repeat, {"lesion": 0.6, "vessel": 0.3}, 0.45)
+        record["curve"]["dice_per_class"] = {"lesion": list(lesion), "vessel": list(vessel)}
+        runs.append(record)
+    assert [quality.first_epoch_found(v) for v in ([0.0, 0.49, 0.6], [None, 0.5], [0.2])] == [2, 1, None]
+    assert quality.format_onsets(runs, "vessel") == "1 of 2 (epochs 2)"
+    assert quality.format_onsets(runs, "lesion") == "2 of 2 (epochs 0, 1)"
+    # a run stored before per-class curves were logged is left out of the count, not counted as never found
+    older = _record("synthetic3d", "nnUNetTrainerCELoss", "3x2", 2, {"lesion": 0.6, "vessel": 0.3}, 0.45)
+    text = quality.summary_markdown(dict(quality.empty_results(), runs=runs + [older]))
+    assert "| nnUNetTrainerCELoss | 2 of 2 (epochs 0, 1) | 1 of 2 (epochs 2) |" in text.splitlines()
+    assert quality.onset_table({"nnUNetTrainerCELoss": [older]}) is None
+
+
 def _nnunet_summary(cases):
     """A summary.json as nnU-Net's compute_metrics_on_folder writes it: ``cases`` maps a case to
     ``{label: (Dice, n_pred, n_ref)}``; the mean is taken over the cases (Dice: of those that have one)."""
