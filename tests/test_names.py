@@ -99,6 +99,12 @@ def test_numbers_have_their_shortest_exact_spelling(value, spelling):
 # ----------------------------------------------------------------------------------------------
 # resolution and canonical names
 # ----------------------------------------------------------------------------------------------
+def test_knee0_names_the_papers_kl():
+    resolved = resolve("nnUNetTrainerCEKL_knee0")
+    assert resolved.base is nnUNetTrainerCEKL and resolved.settings == {"kl_knee": 0.0}
+    assert nnUNetTrainerCEKL.kl_knee == 0.5
+
+
 def test_a_name_splits_into_trainer_and_settings_in_canonical_order():
     resolved = resolve("nnUNetTrainerMime_a1.5_b0.2_sgd_lr3e-4_100ep_20it")
     assert resolved.base is nnUNetTrainerMime
@@ -134,6 +140,7 @@ def test_another_spelling_of_the_same_experiment_is_refused_with_the_canonical_n
     ("nnUNetTrainerNegativeMime_cwfixed_lr0.001", "lr", "nnUNetTrainerNegativeMime_cwfixed"),
     ("nnUNetTrainerMime_cwannealed", "class_weights", "nnUNetTrainerMime"),
     ("nnUNetTrainerMime_bramp0.25_sgd", "b_ramp", "nnUNetTrainerMime_sgd"),
+    ("nnUNetTrainerCEKL_knee0.5", "kl_knee", "nnUNetTrainerCEKL"),  # CEKL bounds the KL by default
 ])
 def test_a_token_that_repeats_the_trainers_own_value_is_refused(name, redundant, canonical):
     with pytest.raises(TrainerNameError, match=rf"{redundant} is \w+'s own value already: the name of this "

@@ -295,7 +295,7 @@ def test_label_marginal_recipe_trains_nnunets_ce_and_our_two_penalties(tmp_path,
     assert f"nnUNetv2_convert_MSD_dataset -i {task} -overwrite_id 7" in out
     trained = [(s.command[3], s.command[5]) for s in steps if s.command and s.command[0] == "nnUNetv2_train"]
     assert trained == [(f, t) for f in ("0", "1") for t in ("nnUNetTrainerCELoss", "nnUNetTrainerCEL1",
-                                                               "nnUNetTrainerCEKL")]
+                                                               "nnUNetTrainerCEKL_knee0")]
     # the CE-only baseline is nnU-Net's own trainer
     assert recursive_find_trainer_class_by_name("nnUNetTrainerCELoss").__module__.startswith("nnunetv2.")
     report = next(s.command for s in steps if s.command and s.command[:2] == ["nnunet-losses", "report"])

@@ -190,8 +190,9 @@ TRAINERS = {
         lambda x, y, m, act: label_marginal_loss(x, y, m, penalty="l1", lam=1.0, tau=10.0, activation=act),
         ("labels", "labels+ignore", "regions", "regions+ignore")),
     "nnUNetTrainerCEKL": (
-        nnUNetTrainerCEKL, LabelMarginalLoss, {"penalty": "kl", "lam": 0.1, "tau": 10.0, "kl_knee": 0.0},
-        lambda x, y, m, act: label_marginal_loss(x, y, m, penalty="kl", lam=0.1, tau=10.0, activation=act),
+        nnUNetTrainerCEKL, LabelMarginalLoss, {"penalty": "kl", "lam": 0.1, "tau": 10.0, "kl_knee": 0.5},
+        lambda x, y, m, act: label_marginal_loss(x, y, m, penalty="kl", lam=0.1, tau=10.0, activation=act,
+                                                kl_knee=0.5),
         ("labels", "labels+ignore", "regions", "regions+ignore")),
 }
 ACCEPTED = [(name, kind) for name, spec in TRAINERS.items() for kind in spec[4]]
@@ -253,9 +254,10 @@ def test_loss_is_the_intended_one_with_its_hyperparameters_and_weights(planned, 
 def test_the_kl_knee_of_a_name_reaches_the_loss(planned):
     from nnunet_losses.training.names import trainer_with_settings
 
-    trainer = build_trainer(trainer_with_settings(nnUNetTrainerCEKL, kl_knee=0.5), planned, "labels")
+    # _knee0, the paper's KL, in place of the trainer's 0.5
+    trainer = build_trainer(trainer_with_settings(nnUNetTrainerCEKL, kl_knee=0.0), planned, "labels")
     (module,) = our_losses(trainer._build_loss())
-    assert (module.penalty, module.kl_knee) == ("kl", 0.5)
+    assert (module.penalty, module.kl_knee) == ("kl", 0.0)
 
 
 @pytest.mark.parametrize("name,kind", REFUSED)

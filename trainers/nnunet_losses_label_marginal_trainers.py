@@ -28,9 +28,11 @@ class nnUNetTrainerCEL1(nnUNetTrainer):
 
 class nnUNetTrainerCEKL(nnUNetTrainerCEL1):
     """CE + λ·KL(ŷ ‖ p̂) (λ = 0.1, the paper's tuned value). Labels and regions (Bernoulli KL per region).
-    ``kl_knee`` (token ``knee0.5``): the KL's log continued along its tangent below that fraction of the
-    true proportion (0: the paper's KL)."""
+    ``kl_knee`` = 0.5: the KL's log continued along its tangent below half the true proportion, so that a
+    class predicted almost nowhere, at the wrong voxels, is not pushed there at the KL's unbounded
+    derivative (measured on the 3D lesion, benchmarks/README.md); ``nnUNetTrainerCEKL_knee0`` is the
+    paper's KL."""
 
     penalty = "kl"
     lam = 0.1
-    kl_knee = 0.0
+    kl_knee = 0.5

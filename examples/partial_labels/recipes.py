@@ -23,7 +23,7 @@ nnunet-losses developers (their argument handling and preparation steps are test
     (``--lgg-cases``: the Decathlon does not record the grade; BraTS 2017/2018's LGG folder does)
     emptied with ``derive-partial --empty``, then training and evaluation as for ACDC with HGG/LGG groups.
 ``label-marginal`` (Liu et al., Pancreas and Liver): ``nnUNetv2_convert_MSD_dataset``, then nnU-Net's
-    CE-only trainer (``nnUNetTrainerCELoss``), ``nnUNetTrainerCEL1`` and ``nnUNetTrainerCEKL``, 5 folds
+    CE-only trainer (``nnUNetTrainerCELoss``), ``nnUNetTrainerCEL1`` and ``nnUNetTrainerCEKL_knee0`` (the paper's KL), 5 folds
     each, compared with ``nnunet-losses report``.
 ``decathlon-merge`` (Shi et al.'s marginal Dice, Tilborghs §2.1: one model from partially labelled
     datasets): the Decathlon's liver, pancreas and spleen CTs converted, ``nnunet-losses merge``d into
@@ -60,7 +60,8 @@ PHI_EPSILON_TRAINERS = ("nnUNetTrainerDiceI", "nnUNetTrainerDiceBI", "nnUNetTrai
 MISSING_LABEL_TRAINERS = ("nnUNetTrainerMarginalDice", "nnUNetTrainerLeafDice")  # Tilborghs' Dice terms
 # a merge trains as practitioners do, DC+CE: the same Dice terms + Fidon et al.'s label-set CE
 MERGE_TRAINERS = MISSING_LABEL_TRAINERS + ("nnUNetTrainerMarginalDiceCE", "nnUNetTrainerLeafDiceCE")
-LABEL_MARGINAL_TRAINERS = ("nnUNetTrainerCELoss", "nnUNetTrainerCEL1", "nnUNetTrainerCEKL")  # CELoss: nnU-Net's
+# CELoss: nnU-Net's; _knee0: the paper's KL (nnUNetTrainerCEKL bounds its derivative), as Liu et al. trained it
+LABEL_MARGINAL_TRAINERS = ("nnUNetTrainerCELoss", "nnUNetTrainerCEL1", "nnUNetTrainerCEKL_knee0")
 ACDC_INFO_FRAME = re.compile(r"^\s*(ED|ES)\s*:\s*(\d+)\s*$")
 
 

@@ -25,7 +25,7 @@ token               sets                        trainers
 ``countbatches20``  ``count_batches``           DiceIEps, Mime, NegativeMime
 ``lam0.5``          ``lam``                     CEL1, CEKL
 ``tau5``            ``tau``                     CEL1, CEKL
-``knee0.5``         ``kl_knee``                 CEKL
+``knee0``           ``kl_knee``                 CEKL
 ``srcsqrt`` /       ``source_sampling``: cases  Marginal, Leaf
 ``srcuniform``      drawn per source of a
                     merged dataset
