@@ -365,7 +365,8 @@ def test_quality_summary_table_by_hand(quality, tmp_path):
 def test_quality_onsets_count_the_runs_that_found_each_class(quality):
     # vessel: found in epoch 2 of run 0 (0.49 is not yet found), never in run 1; lesion: epochs 0 and 1
     runs = []
-    for repeat, (lesion, vessel) in enumerate([((0.5, 0.9, 0.2), (0.0, 0.49, 0.6)), ((0.1, 0.7, None), (0.0, 0.0, 0.0))]):
+    curves = [((0.5, 0.9, 0.2), (0.0, 0.49, 0.6)), ((0.1, 0.7, None), (0.0, 0.0, 0.0))]  # (lesion, vessel) per run
+    for repeat, (lesion, vessel) in enumerate(curves):
         record = _record("synthetic3d", "nnUNetTrainerCELoss", "3x2", repeat, {"lesion": 0.6, "vessel": 0.3}, 0.45)
         record["curve"]["dice_per_class"] = {"lesion": list(lesion), "vessel": list(vessel)}
         runs.append(record)

@@ -23,8 +23,8 @@ nnunet-losses developers (their argument handling and preparation steps are test
     (``--lgg-cases``: the Decathlon does not record the grade; BraTS 2017/2018's LGG folder does)
     emptied with ``derive-partial --empty``, then training and evaluation as for ACDC with HGG/LGG groups.
 ``label-marginal`` (Liu et al., Pancreas and Liver): ``nnUNetv2_convert_MSD_dataset``, then nnU-Net's
-    CE-only trainer (``nnUNetTrainerCELoss``), ``nnUNetTrainerCEL1`` and ``nnUNetTrainerCEKL_knee0`` (the paper's KL), 5 folds
-    each, compared with ``nnunet-losses report``.
+    CE-only trainer (``nnUNetTrainerCELoss``), ``nnUNetTrainerCEL1`` and ``nnUNetTrainerCEKL_knee0`` (the
+    paper's KL), 5 folds each, compared with ``nnunet-losses report``.
 ``decathlon-merge`` (Shi et al.'s marginal Dice, Tilborghs §2.1: one model from partially labelled
     datasets): the Decathlon's liver, pancreas and spleen CTs converted, ``nnunet-losses merge``d into
     one dataset (the two "cancer" labels renamed liver_cancer and pancreas_cancer), cross-validation
